@@ -1,0 +1,1 @@
+"""streamdqn: online DQN for malware-sandbox telemetry."""
