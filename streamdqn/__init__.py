@@ -1,1 +1,17 @@
-"""streamdqn: online DQN for malware-sandbox telemetry."""
+"""streamdqn: online DQN for malware-sandbox telemetry — Kafka in, versioned ONNX policies out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: `import streamdqn.telemetry` must not pay for importing torch.
+    if name == "train":
+        from streamdqn.offline import train
+
+        return train
+    raise AttributeError(f"module 'streamdqn' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from streamdqn.cli import main
+
+sys.exit(main())

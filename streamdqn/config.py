@@ -1,0 +1,204 @@
+"""Settings: one pydantic-settings model, read from a TOML file and STREAMDQN_* environment variables.
+
+Environment variables override the file and use `__` for nesting, e.g. STREAMDQN_KAFKA__BOOTSTRAP_SERVERS.
+There is no module-level instance: the CLI builds one with `load_settings()` and hands each part its
+own section as plain values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from streamdqn.errors import ConfigError
+
+Positive = Annotated[float, Field(gt=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    """Comma-separated host:port list of the Kafka brokers."""
+    topic: str = "sandbox-telemetry"
+    group_id: str = "streamdqn"
+    dlq_topic: str = "sandbox-telemetry-dlq"
+    """Dead-letter topic for undecodable or invalid records; empty disables (bad records are then only counted)."""
+    snapshot_topic: str = "streamdqn-snapshots"
+    """Topic on which each published snapshot is announced; empty disables."""
+    client_id: str = "streamdqn"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_plain_username: str = ""
+    sasl_plain_password: SecretStr = SecretStr("")
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    max_poll_records: Annotated[int, Field(ge=1, le=100_000)] = 2000
+    fetch_max_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
+    max_partition_fetch_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+    poll_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 200
+    rate_limit_key: Literal["record_key", "header", "sandbox_id"] = "record_key"
+    """What identifies a source for the per-source rate cap: the Kafka record key, a header set by the
+    host agent (rate_limit_header), or the event's own sandbox_id (which a sample could forge)."""
+    rate_limit_header: str = "x-sandbox-host"
+
+
+class HttpSettings(Section):
+    host: str = "127.0.0.1"
+    """Interface to bind; loopback by default. Use 0.0.0.0 only behind a firewall or with a token."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 8765
+    token: SecretStr = SecretStr("")
+    """Bearer token required for /snapshots (and /metrics when protect_metrics); empty: no auth."""
+    protect_metrics: bool = False
+    public_url: str = ""
+    """Base URL announced on the snapshot topic; default http://host:port."""
+
+
+class StateSettings(Section):
+    dir: Path = Path("./state")
+    """Checkpoints and snapshots live under this directory."""
+
+
+class PublishSettings(Section):
+    interval_seconds: Positive = 300.0
+    keep: Annotated[int, Field(ge=1)] = 20
+    min_updates: Annotated[int, Field(ge=0)] = 100
+    """Do not publish before the learner has made this many updates."""
+    gate: bool = True
+    """Publish a candidate only if it passes the publish gate on held-out recent episodes."""
+    gate_episodes: Annotated[int, Field(ge=1)] = 500
+    gate_min_episodes: Annotated[int, Field(ge=1)] = 50
+    gate_return_tolerance: Annotated[float, Field(ge=0)] = 0.05
+    gate_max_false_positive_rate: Annotated[float, Field(ge=0, le=1)] = 0.2
+    gate_max_missed_rate: Annotated[float, Field(ge=0, le=1)] = 0.5
+    signing: Literal["none", "ed25519", "hmac-sha256"] = "none"
+    signing_key_file: str = ""
+    """Ed25519 private key (PEM) or HMAC secret file used to sign each manifest."""
+
+
+class CheckpointSettings(Section):
+    interval_seconds: Positive = 60.0
+    keep: Annotated[int, Field(ge=1)] = 3
+    include_replay: bool = True
+    """Save the replay buffer's contents in checkpoints (restart resumes with the same experience)."""
+
+
+class LifecycleSettings(Section):
+    stop_timeout_seconds: Positive = 30.0
+    progress_timeout_seconds: Positive = 120.0
+    """Lag above zero with no progress for this long: stop watchdog pings and exit (code 75) for a restart."""
+    broker_retry_max_seconds: Positive = 30.0
+
+
+class LearnerConfig(Section):
+    hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [256, 256])
+    lr: Positive = 1e-4
+    gamma: Annotated[float, Field(ge=0, le=1)] = 0.99
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
+    target_update_interval: Annotated[int, Field(ge=1)] = 1000
+    tau: Annotated[float, Field(ge=0, le=1)] = 0.0
+    grad_clip: Positive = 10.0
+    double_dqn: bool = True
+    epsilon_start: Annotated[float, Field(ge=0, le=1)] = 1.0
+    epsilon_end: Annotated[float, Field(ge=0, le=1)] = 0.1
+    epsilon_decay_steps: Annotated[int, Field(ge=0)] = 20_000
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+    mode: Literal["thread", "process"] = "process"
+    """Where updates run: a thread shares the GIL with ingest; a process does not (see the README)."""
+    updates_per_transition: Annotated[float, Field(ge=0)] = 1.0
+    """Replay ratio: updates per new transition; 0 means as fast as possible."""
+    max_lag_ratio: Annotated[float, Field(gt=1)] = 4.0
+    """Pause ingest when transitions outrun the ratio by this factor (backpressure)."""
+    torch_threads: Annotated[int, Field(ge=0)] = 1
+    """torch intra-op threads for the learner; 0 keeps torch's default. One is fastest on 2 cores."""
+    seed: int | None = None
+
+
+class ReplaySettings(Section):
+    capacity: Annotated[int, Field(ge=1)] = 1_000_000
+    min_size: Annotated[int, Field(ge=1)] = 1000
+    """Updates start once the buffer holds this many transitions."""
+
+
+class EpisodeSettings(Section):
+    idle_timeout_seconds: Positive = 300.0
+    feature_clip: Positive = 10.0
+    """Normalized features are clipped to ±this (also a poisoning guard)."""
+    reward_clip: Positive = 10.0
+    """Precomputed rewards in events are clipped to ±this."""
+
+
+class IngestSettings(Section):
+    max_message_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
+    max_events_per_message: Annotated[int, Field(ge=1)] = 10_000
+    rate_limit_events_per_second: Annotated[float, Field(ge=0)] = 0.0
+    """Per-source cap (0: off); excess events are rejected as rate_limited."""
+    rate_limit_burst: Annotated[float, Field(ge=1)] = 1000.0
+
+
+class LogSettings(Section):
+    json_format: bool = Field(default=False, alias="json")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Settings(BaseSettings):
+    """Everything `streamdqn run` and `streamdqn train` can be told."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMDQN_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    http: HttpSettings = HttpSettings()
+    state: StateSettings = StateSettings()
+    publish: PublishSettings = PublishSettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()
+    lifecycle: LifecycleSettings = LifecycleSettings()
+    learner: LearnerConfig = LearnerConfig()
+    replay: ReplaySettings = ReplaySettings()
+    episodes: EpisodeSettings = EpisodeSettings()
+    ingest: IngestSettings = IngestSettings()
+    log: LogSettings = LogSettings()
+
+
+def load_settings(path: Path | None = None, **overrides: object) -> Settings:
+    """Settings from `path` (TOML) overridden by STREAMDQN_* variables; ConfigError names a bad key."""
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist")
+
+    class _Settings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+            if path is not None:
+                sources += (TomlConfigSettingsSource(settings_cls, toml_file=path),)
+            return sources
+
+    try:
+        return _Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            key = ".".join(str(p) for p in error["loc"])
+            env = "STREAMDQN_" + "__".join(str(p).upper() for p in error["loc"])
+            problems.append(f"{key} (env {env}): {error['msg']}")
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(problems)) from None
+    except ValueError as exc:  # e.g. a TOML syntax error
+        raise ConfigError(f"cannot read configuration {path}: {exc}") from None

@@ -1,0 +1,183 @@
+"""DQN learning: a pure td_loss(), DQNLearner (networks + optimizer), and the epsilon schedule.
+
+The learner's boundary is narrow on purpose: replay samples in, weights and stats out. That is what
+lets it run as a thread or in its own process over shared-memory replay (see streamdqn.background).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from streamdqn.model import QNetwork
+from streamdqn.replay import ReplaySamples
+
+
+@dataclass(frozen=True)
+class LearnerSettings:
+    """Hyperparameters of the DQN learner (the original pipeline's defaults)."""
+
+    hidden: tuple[int, ...] = (256, 256)
+    lr: float = 1e-4
+    gamma: float = 0.99
+    batch_size: int = 64
+    target_update_interval: int = 1000  # hard copy every N updates; ignored when tau > 0
+    tau: float = 0.0  # Polyak averaging factor per update; 0 means hard copies
+    grad_clip: float = 10.0
+    double_dqn: bool = True
+    epsilon_start: float = 1.0
+    epsilon_end: float = 0.1
+    epsilon_decay_steps: int = 10_000
+    device: str = "auto"
+    seed: int | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+
+class UpdateStats(NamedTuple):
+    loss: float
+    td_error_abs: float
+    q_max_mean: float
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def epsilon_at(step: int, s: LearnerSettings) -> float:
+    """Linear decay from epsilon_start to epsilon_end over epsilon_decay_steps acting steps."""
+    if s.epsilon_decay_steps <= 0:
+        return s.epsilon_end
+    frac = min(1.0, step / s.epsilon_decay_steps)
+    return s.epsilon_start + frac * (s.epsilon_end - s.epsilon_start)
+
+
+def td_loss(
+    online: QNetwork, target: QNetwork, batch: ReplaySamples, gamma: float, double_dqn: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Huber TD loss; returns (loss, |td error| per sample, max-Q per sample)."""
+    q_all = online(batch.states)
+    q = q_all.gather(1, batch.actions.unsqueeze(1)).squeeze(1)
+    with torch.no_grad():
+        next_target = target(batch.next_states)
+        if double_dqn:
+            # Double DQN: the online network picks the action, the target network values it.
+            best = online(batch.next_states).argmax(dim=1, keepdim=True)
+            next_q = next_target.gather(1, best).squeeze(1)
+        else:
+            next_q = next_target.max(dim=1).values
+        y = batch.rewards + gamma * (~batch.dones).float() * next_q
+    td = q - y
+    # Huber loss: less sensitive to outlier TD errors than squared error.
+    loss = F.smooth_l1_loss(q, y)
+    return loss, td.detach().abs(), q_all.detach().max(dim=1).values
+
+
+@dataclass
+class LearnerCounters:
+    updates: int = 0
+    acting_steps: int = 0
+    last: UpdateStats = field(default_factory=lambda: UpdateStats(float("nan"), float("nan"), float("nan")))
+
+
+class DQNLearner:
+    """Owns the online and target networks and the optimizer."""
+
+    def __init__(self, settings: LearnerSettings, obs_dim: int, n_actions: int, clip: float = 10.0) -> None:
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        self.online = QNetwork(obs_dim, n_actions, settings.hidden, clip).to(self.device)
+        self.target = copy.deepcopy(self.online).requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=settings.lr, **_fast_adam(self.device))
+        self.counters = LearnerCounters()
+        self._rng = np.random.default_rng(settings.seed)
+
+    @property
+    def epsilon(self) -> float:
+        return epsilon_at(self.counters.acting_steps, self.settings)
+
+    def update(self, batch: ReplaySamples) -> UpdateStats:
+        s = self.settings
+        loss, td_abs, q_max = td_loss(self.online, self.target, batch, s.gamma, s.double_dqn)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.online.parameters(), s.grad_clip)
+        self.optimizer.step()
+        self.counters.updates += 1
+        self._sync_target()
+        # One device-to-host transfer for all three numbers.
+        stats = UpdateStats(*torch.stack([loss.detach(), td_abs.mean(), q_max.mean()]).tolist())
+        self.counters.last = stats
+        return stats
+
+    @torch.no_grad()
+    def _sync_target(self) -> None:
+        s = self.settings
+        if s.tau > 0:
+            for t, o in zip(self.target.parameters(), self.online.parameters(), strict=True):
+                t.lerp_(o, s.tau)
+        elif self.counters.updates % s.target_update_interval == 0:
+            self.target.load_state_dict(self.online.state_dict())
+
+    def set_normalization(self, mean: np.ndarray, std: np.ndarray, clip: float) -> None:
+        self.online.set_normalization(mean, std, clip)
+        self.target.set_normalization(mean, std, clip)
+
+    @torch.no_grad()
+    def q_values(self, features: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(features, dtype=torch.float32, device=self.device)
+        return self.online(x).cpu().numpy()
+
+    def act(self, features: np.ndarray, *, explore: bool = True) -> np.ndarray:
+        """Epsilon-greedy actions for a batch of states (greedy with explore=False).
+
+        The caller advances `counters.acting_steps` by the steps that were really acted on (rows
+        after an episode's response are not), which drives the epsilon schedule.
+        """
+        n = len(features)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        greedy = self.q_values(features).argmax(axis=1)
+        if not explore:
+            return greedy.astype(np.int64)
+        eps = self.epsilon
+        random = self._rng.integers(0, self.online.n_actions, size=n)
+        return np.where(self._rng.random(n) < eps, random, greedy).astype(np.int64)
+
+    def state_dict(self) -> dict[str, object]:
+        return {
+            "online": self.online.state_dict(),
+            "target": self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "updates": self.counters.updates,
+            "acting_steps": self.counters.acting_steps,
+            "settings": self.settings.as_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.online.load_state_dict(state["online"])  # type: ignore[arg-type]
+        self.target.load_state_dict(state["target"])  # type: ignore[arg-type]
+        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+        self.counters.updates = int(state["updates"])  # type: ignore[call-overload]
+        self.counters.acting_steps = int(state["acting_steps"])  # type: ignore[call-overload]
+
+
+def _fast_adam(device: torch.device) -> dict[str, bool]:
+    # The fused Adam kernel is the fastest step measured on this class of CPU and on CUDA.
+    return {"fused": True} if device.type in ("cpu", "cuda") else {}

@@ -1,0 +1,58 @@
+"""The Q-network: input normalization (baked in) followed by an MLP."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class QNetwork(nn.Module):
+    """Raw feature vectors in, one Q-value per action out.
+
+    The normalizer's mean and std are buffers of the network, so the learner, a checkpoint and the
+    exported ONNX graph all apply exactly the same normalization.
+    """
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden: Sequence[int] = (256, 256), clip: float = 10.0) -> None:
+        super().__init__()
+        self.obs_dim = obs_dim
+        self.n_actions = n_actions
+        self.hidden = tuple(hidden)
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+        self.register_buffer("obs_clip", torch.tensor(float(clip)))
+        layers: list[nn.Module] = []
+        width = obs_dim
+        for h in self.hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, n_actions))
+        self.mlp = nn.Sequential(*layers)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x - self.obs_mean) / self.obs_std
+        return torch.clamp(z, -self.obs_clip, self.obs_clip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.normalize(x))
+
+    @torch.no_grad()
+    def set_normalization(self, mean: np.ndarray, std: np.ndarray, clip: float) -> None:
+        self.obs_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.obs_std.copy_(torch.as_tensor(std, dtype=torch.float32))
+        self.obs_clip.fill_(float(clip))
+
+
+class PolicyHead(nn.Module):
+    """What gets exported: Q-values and the greedy action."""
+
+    def __init__(self, q: QNetwork) -> None:
+        super().__init__()
+        self.q = q
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q_values = self.q(features)
+        return q_values, torch.argmax(q_values, dim=1)
