@@ -1,0 +1,112 @@
+"""The `streamdqn` command: argument parsing only; each subcommand calls one function elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from streamdqn.errors import StreamDQNError
+
+EXIT_USAGE = 2
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from streamdqn.simulator import format_for_path, simulate, write_events
+
+    fmt = args.format or format_for_path(args.out)
+    count = write_events(args.out, simulate(args.episodes, args.seed, malicious_fraction=args.malicious_fraction,
+                                            sandboxes=args.sandboxes), fmt=fmt)
+    print(f"wrote {count} events of {args.episodes} episodes to {args.out} ({fmt})")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from streamdqn.offline import train
+
+    hyper: dict[str, object] = {
+        "hidden": tuple(args.hidden),
+        "lr": args.lr,
+        "gamma": args.gamma,
+        "batch_size": args.batch_size,
+        "epsilon_start": args.epsilon_start,
+        "epsilon_end": args.epsilon_end,
+        "epsilon_decay_steps": args.epsilon_decay_steps,
+        "target_update_interval": args.target_update_interval,
+        "device": args.device,
+    }
+    _, returns, _ = train(args.events, args.episodes, state_dir=args.state_dir, seed=args.seed,
+                          progress=not args.quiet, **hyper)
+    last = returns[-min(100, len(returns)):]
+    print(f"trained {len(returns)} episodes; mean return of the last {len(last)}: {sum(last) / len(last):+.3f}")
+    print(f"checkpoints: {args.state_dir / 'checkpoints'}  snapshot: {args.state_dir / 'snapshots' / 'latest'}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from streamdqn.evaluate import evaluate, format_report, write_decisions
+
+    report = evaluate(args.snapshot, args.events, seed=args.seed)
+    if args.decisions_out:
+        write_decisions(args.decisions_out, report.decisions)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamdqn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="write simulated sandbox telemetry to a file")
+    p.add_argument("--episodes", type=int, default=1000, help="number of detonations (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="output file (.jsonl: JSON Lines, .json: JSON array)")
+    p.add_argument("--format", choices=["jsonl", "json"], help="override the format implied by --out")
+    p.add_argument("--malicious-fraction", type=float, default=0.5)
+    p.add_argument("--sandboxes", type=int, default=8)
+    p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("train", help="train offline from a telemetry file (simulated data when none given)")
+    p.add_argument("--events", type=Path, help="telemetry file: JSON array or JSON Lines")
+    p.add_argument("--episodes", type=int, default=500, help="training episodes (default 500)")
+    p.add_argument("--state-dir", type=Path, default=Path("state"), help="checkpoints and snapshots go here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, nargs="+", default=[256, 256], help="hidden layer sizes")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--gamma", type=float, default=0.99)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epsilon-start", type=float, default=1.0)
+    p.add_argument("--epsilon-end", type=float, default=0.1)
+    p.add_argument("--epsilon-decay-steps", type=int, default=10_000)
+    p.add_argument("--target-update-interval", type=int, default=1000)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="replay episodes through a snapshot (onnxruntime) against baselines")
+    p.add_argument("--snapshot", type=Path, required=True,
+                   help="a snapshot version directory, or a snapshots directory (its latest)")
+    p.add_argument("--events", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--decisions-out", type=Path, help="write one JSON line per episode with its decision")
+    p.set_defaults(func=_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except StreamDQNError as exc:
+        print(f"streamdqn {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"streamdqn {args.command}: error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Offline mode: train from a telemetry file (the original pipeline). Reads top to bottom.
+
+    events -> episodes -> for each episode: features, epsilon-greedy actions, transitions -> replay
+           -> updates -> every 10 episodes a progress line, every 50 a checkpoint -> final ONNX snapshot
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from streamdqn.checkpoints import CheckpointStore
+from streamdqn.errors import ConfigError
+from streamdqn.features import FEATURE_DIM, FeatureSpec, RunningNormalizer
+from streamdqn.learner import DQNLearner, LearnerSettings
+from streamdqn.replay import ReplayBuffer
+from streamdqn.snapshots import Snapshot, SnapshotStore, publish_snapshot
+from streamdqn.telemetry import ACTION_NAMES, Action, read_events_file
+from streamdqn.transitions import EpisodeData, EpisodeTracker, RewardTable, TransitionBatch, split_episodes
+
+
+@dataclass
+class Agent:
+    """A trained policy: the learner's networks, the normalizer and the reward table it learned under."""
+
+    learner: DQNLearner
+    normalizer: RunningNormalizer
+    rewards: RewardTable
+
+    def act(self, features: np.ndarray, *, explore: bool = False) -> np.ndarray:
+        return self.learner.act(features, explore=explore)
+
+    def q_values(self, features: np.ndarray) -> np.ndarray:
+        return self.learner.q_values(features)
+
+    def sync_normalization(self) -> None:
+        n = self.normalizer
+        self.learner.set_normalization(n.mean, n.std, n.clip)
+
+    def state_dict(self) -> dict[str, object]:
+        return {"learner": self.learner.state_dict(), "normalizer": self.normalizer.state_dict(),
+                "rewards": self.rewards.as_dict()}
+
+
+@dataclass(frozen=True)
+class OfflineOptions:
+    """Knobs of the offline loop that are not learner hyperparameters."""
+
+    replay_capacity: int = 100_000
+    learning_starts: int = 64
+    updates_per_transition: float = 1.0
+    feature_clip: float = 10.0
+    reward_clip: float = 10.0
+    checkpoint_every: int = 50
+    log_every: int = 10
+    torch_threads: int = 1
+
+
+def split_hyperparameters(hyperparameters: dict[str, Any]) -> tuple[LearnerSettings, OfflineOptions]:
+    """Route keyword hyperparameters to LearnerSettings or OfflineOptions; unknown names are errors."""
+    learner_keys = {f.name for f in fields(LearnerSettings)}
+    option_keys = {f.name for f in fields(OfflineOptions)}
+    unknown = set(hyperparameters) - learner_keys - option_keys
+    if unknown:
+        known = ", ".join(sorted(learner_keys | option_keys))
+        raise ConfigError(f"unknown hyperparameter(s) {', '.join(sorted(unknown))}; known: {known}")
+    learner_kw = {k: v for k, v in hyperparameters.items() if k in learner_keys}
+    if "hidden" in learner_kw:
+        learner_kw["hidden"] = tuple(learner_kw["hidden"])
+    return (
+        LearnerSettings(**learner_kw),
+        OfflineOptions(**{k: v for k, v in hyperparameters.items() if k in option_keys}),
+    )
+
+
+def load_episodes(telemetry_file: Path | None, seed: int) -> tuple[list[EpisodeData], int]:
+    """Episodes of a telemetry file, or of 1,000 simulated ones when no file is given; and the reject count."""
+    if telemetry_file is None:
+        from streamdqn.simulator import simulate, write_events
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "simulated.jsonl"
+            write_events(path, simulate(1000, seed))
+            decoded = read_events_file(path)
+    else:
+        decoded = read_events_file(Path(telemetry_file))
+    episodes = split_episodes(decoded.events)
+    if not episodes:
+        raise ConfigError(f"{telemetry_file}: no valid events ({len(decoded.rejects)} rejected)")
+    return episodes, len(decoded.rejects)
+
+
+def snapshot_info(agent: Agent, events: int, transitions: int, evaluation: dict[str, Any] | None) -> dict[str, Any]:
+    """What a manifest says about the policy besides the model file itself."""
+    spec = FeatureSpec()
+    return {
+        "updates": agent.learner.counters.updates,
+        "events_learned": events,
+        "transitions_learned": transitions,
+        "feature_spec": {"version": spec.version, "names": list(spec.names)},
+        "action_names": list(ACTION_NAMES),
+        "reward_table": agent.rewards.as_dict(),
+        "normalizer": agent.normalizer.state_dict(),
+        "learner": agent.learner.settings.as_dict(),
+        "device": str(agent.learner.device),
+        "evaluation": evaluation or {},
+    }
+
+
+def _push(buffer: ReplayBuffer, batch: TransitionBatch) -> None:
+    buffer.push(batch.states, batch.actions, batch.rewards, batch.next_states, batch.dones)
+
+
+def train(
+    telemetry_file: str | Path | None = None,
+    num_episodes: int = 500,
+    feature_dim: int = FEATURE_DIM,
+    action_dim: int = len(Action),
+    *,
+    state_dir: str | Path | None = "state",
+    seed: int = 0,
+    progress: bool = True,
+    rewards: RewardTable | None = None,
+    **hyperparameters: Any,
+) -> tuple[Agent, list[float], list[float]]:
+    """Train a DQN agent offline; returns (agent, return per episode, mean loss per episode).
+
+    Cycles through the file's episodes in a fresh random order on each pass. With `state_dir`,
+    checkpoints go to state_dir/checkpoints and the final ONNX snapshot to state_dir/snapshots.
+    """
+    if feature_dim != FEATURE_DIM:
+        raise ConfigError(f"feature_dim must be {FEATURE_DIM} (the feature spec's dimension), got {feature_dim}")
+    if action_dim != len(Action):
+        raise ConfigError(f"action_dim must be {len(Action)} ({', '.join(ACTION_NAMES)}), got {action_dim}")
+    hyperparameters.setdefault("seed", seed)
+    settings, options = split_hyperparameters(hyperparameters)
+    if options.torch_threads > 0:
+        torch.set_num_threads(options.torch_threads)
+    episodes, _ = load_episodes(Path(telemetry_file) if telemetry_file else None, seed)
+
+    table = rewards or RewardTable()
+    learner = DQNLearner(settings, feature_dim, action_dim, clip=options.feature_clip)
+    agent = Agent(learner, RunningNormalizer(feature_dim, clip=options.feature_clip), table)
+    buffer = ReplayBuffer(options.replay_capacity, feature_dim, learner.device, seed=seed)
+    tracker = EpisodeTracker(table, reward_clip=options.reward_clip, remember_closed=0)
+    checkpoints = CheckpointStore(Path(state_dir) / "checkpoints") if state_dir else None
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(episodes))
+
+    episode_returns: list[float] = []
+    episode_losses: list[float] = []
+    events_seen = 0
+    update_budget = 0.0
+    bar = tqdm(range(num_episodes), desc="training", unit="ep", disable=not progress)
+    for i in bar:
+        if i and i % len(episodes) == 0:
+            order = rng.permutation(len(episodes))
+        episode = episodes[order[i % len(episodes)]]
+
+        observed, _ = tracker.observe(episode.events, now=float(i))
+        agent.normalizer.update(observed.features)
+        agent.sync_normalization()
+        actions = learner.act(observed.features)
+        batch = tracker.act(observed, actions)
+        closing = tracker.close_all()  # an episode without `final: true` ends with the file
+        _push(buffer, batch)
+        _push(buffer, closing)
+        learner.counters.acting_steps += len(batch) + len(closing)
+        events_seen += len(observed.events)
+
+        losses = []
+        if len(buffer) >= options.learning_starts:
+            update_budget += options.updates_per_transition * (len(batch) + len(closing))
+            while update_budget >= 1:
+                losses.append(learner.update(buffer.sample(settings.batch_size)).loss)
+                update_budget -= 1
+        episode_returns.append(sum(batch.episode_returns) + sum(closing.episode_returns))
+        episode_losses.append(float(np.mean(losses)) if losses else float("nan"))
+
+        if (i + 1) % options.log_every == 0:
+            recent_loss = [x for x in episode_losses[-options.log_every :] if not np.isnan(x)]
+            line = (
+                f"episode {i + 1:>6}  avg reward {np.mean(episode_returns[-options.log_every:]):+.3f}  "
+                f"avg loss {np.mean(recent_loss) if recent_loss else float('nan'):.4f}  "
+                f"epsilon {learner.epsilon:.3f}  buffer {len(buffer)}"
+            )
+            if progress:
+                bar.write(line)
+        if checkpoints and (i + 1) % options.checkpoint_every == 0:
+            checkpoints.save({**agent.state_dict(), "episode": i + 1, "events_seen": events_seen})
+
+    if checkpoints:
+        checkpoints.save({**agent.state_dict(), "episode": num_episodes, "events_seen": events_seen})
+    if state_dir:
+        publish_final_snapshot(agent, episodes, Path(state_dir), events_seen, buffer.total_pushed)
+    return agent, episode_returns, episode_losses
+
+
+def publish_final_snapshot(
+    agent: Agent, episodes: Sequence[EpisodeData], state_dir: Path, events: int, transitions: int
+) -> Snapshot:
+    from streamdqn.evaluate import evaluate_policy
+
+    metrics, _ = evaluate_policy(lambda x: agent.act(x), list(episodes), agent.rewards)
+    probe = np.concatenate([e.features for e in episodes[:64]])
+    info = snapshot_info(agent, events, transitions, {"training_episodes": metrics.as_dict()})
+    return publish_snapshot(SnapshotStore(state_dir / "snapshots"), agent.learner.online, probe, info)
