@@ -55,6 +55,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from streamdqn.config import load_settings
+    from streamdqn.daemon import Daemon
+    from streamdqn.logs import configure_logging
+
+    settings = load_settings(args.config)
+    configure_logging(json_format=settings.log.json_format, level=settings.log.level)
+    return asyncio.run(Daemon(settings).serve())
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from streamdqn.demo import run_demo
+    from streamdqn.logs import configure_logging
+
+    configure_logging(json_format=False, level="WARNING" if args.quiet else "INFO")
+    return asyncio.run(run_demo(args.duration, args.rate, args.state_dir, args.port, args.publish_interval,
+                                args.seed))
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from streamdqn.pull import format_pull_result, pull
+    from streamdqn.signing import load_verifier
+
+    token = args.token_file.read_text().strip() if args.token_file else ""
+    verifier = load_verifier(args.verify_alg, str(args.verify_key)) if args.verify_key else None
+    print(format_pull_result(pull(args.url, args.out, token=token, verifier=verifier)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamdqn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -93,6 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--decisions-out", type=Path, help="write one JSON line per episode with its decision")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("run", help="the online-learning daemon: Kafka in, ONNX snapshots and metrics out")
+    p.add_argument("--config", type=Path, help="TOML config file; STREAMDQN_* environment variables override it")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("demo", help="embedded broker + simulated sandboxes + the daemon, in one command")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
+    p.add_argument("--rate", type=float, default=500.0, help="simulated events per second (default 500)")
+    p.add_argument("--state-dir", type=Path, default=Path("state-demo"))
+    p.add_argument("--port", type=int, default=8765, help="HTTP port for /metrics and /snapshots (0: any free)")
+    p.add_argument("--publish-interval", type=float, default=15.0, help="seconds between snapshots")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="only warnings and the summary")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("pull", help="sandbox side: fetch the latest snapshot if it changed, verified")
+    p.add_argument("--url", required=True, help="the daemon's base URL, e.g. http://127.0.0.1:8765")
+    p.add_argument("--out", type=Path, required=True, help="local directory for model.onnx and manifest.json")
+    p.add_argument("--token-file", type=Path, help="file holding the bearer token, if the server needs one")
+    p.add_argument("--verify-key", type=Path, help="public key (ed25519) or shared secret (hmac-sha256)")
+    p.add_argument("--verify-alg", choices=["ed25519", "hmac-sha256"], default="ed25519")
+    p.set_defaults(func=_pull)
     return parser
 
 

@@ -181,3 +181,38 @@ class DQNLearner:
 def _fast_adam(device: torch.device) -> dict[str, bool]:
     # The fused Adam kernel is the fastest step measured on this class of CPU and on CUDA.
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
+class ActingPolicy:
+    """The behaviour policy on the ingest side: a copy of the online network, epsilon-greedy.
+
+    Its weights are refreshed from the learner (which may live in another process) now and then;
+    acting on slightly stale weights is what every distributed DQN does.
+    """
+
+    def __init__(self, settings: LearnerSettings, obs_dim: int, n_actions: int, clip: float = 10.0) -> None:
+        self.settings = settings
+        self.network = QNetwork(obs_dim, n_actions, settings.hidden, clip).eval().requires_grad_(False)
+        self.acting_steps = 0
+        self.weights_version = -1
+        self._rng = np.random.default_rng(settings.seed)
+
+    @property
+    def epsilon(self) -> float:
+        return epsilon_at(self.acting_steps, self.settings)
+
+    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
+        self.network.load_state_dict(state)
+        self.weights_version = version
+
+    def set_normalization(self, mean: np.ndarray, std: np.ndarray, clip: float) -> None:
+        self.network.set_normalization(mean, std, clip)
+
+    @torch.no_grad()
+    def act(self, features: np.ndarray) -> np.ndarray:
+        n = len(features)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        greedy = self.network(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).argmax(1).numpy()
+        random = self._rng.integers(0, self.network.n_actions, size=n)
+        return np.where(self._rng.random(n) < self.epsilon, random, greedy).astype(np.int64)

@@ -47,6 +47,19 @@ class ReplayBuffer:
         self._pushed = torch.cuda.Event() if self._cuda else None
         self._sampled = torch.cuda.Event() if self._cuda else None
 
+    def __getstate__(self) -> dict[str, object]:
+        # Sent to a learner process: the storage travels as shared-memory handles; the sampler's
+        # generator and CUDA events are per-process and are made anew on the other side.
+        state = dict(self.__dict__)
+        del state["sampler"], state["_pushed"], state["_sampled"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self.sampler = UniformSampler(self.device)
+        self._pushed = torch.cuda.Event() if self._cuda else None
+        self._sampled = torch.cuda.Event() if self._cuda else None
+
     @property
     def capacity(self) -> int:
         return self.storage.capacity

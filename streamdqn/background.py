@@ -1,0 +1,306 @@
+"""Where DQN updates run: a thread, or a process over shared-memory replay.
+
+The boundary is narrow: transitions go in through the replay buffer; weights and stats come out
+through shared tensors; a full learner state (for checkpoints) is asked for explicitly. Measured
+on 2 cores: a learner thread beside a busy asyncio ingest loop keeps ~0.1x of its solo update rate
+(every torch call re-takes the GIL), a learner process ~1.0x. See bench/ and the README.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+
+from streamdqn.learner import DQNLearner, LearnerSettings
+from streamdqn.replay import ReplayBuffer
+
+log = logging.getLogger(__name__)
+
+# Layout of the shared control vector (float64).
+_INSERTED, _STOP, _UPDATES, _LOSS, _TD, _QMAX, _HEARTBEAT, _WEIGHTS_VERSION, _NORM_VERSION, _FAILED = range(10)
+_CONTROL_LEN = 10
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    obs_dim: int
+    n_actions: int
+    min_size: int = 1000
+    updates_per_transition: float = 1.0  # 0: as fast as possible
+    publish_every_updates: int = 50
+    torch_threads: int = 1
+    feature_clip: float = 10.0
+
+
+class LearnerStats(NamedTuple):
+    updates: int
+    loss: float
+    td_error_abs: float
+    q_max_mean: float
+    heartbeat: float
+    weights_version: int
+
+
+class LearnerRunner(Protocol):
+    def start(self) -> None: ...
+    def stop(self, timeout: float = 10.0) -> None: ...
+    def alive(self) -> bool: ...
+    def stats(self) -> LearnerStats: ...
+    def note_inserted(self, total: int) -> None: ...
+    def set_normalization(self, mean: np.ndarray, std: np.ndarray) -> None: ...
+    def weights(self) -> tuple[dict[str, torch.Tensor], int]: ...
+    def learner_state(self) -> dict[str, Any]: ...
+
+
+class SharedState:
+    """Tensors both sides see: control vector, normalization, and the online network's weights."""
+
+    def __init__(self, template: dict[str, torch.Tensor], obs_dim: int, shared: bool) -> None:
+        self.control = torch.zeros(_CONTROL_LEN, dtype=torch.float64)
+        self.norm = torch.cat([torch.zeros(obs_dim), torch.ones(obs_dim)]).to(torch.float32)
+        self.names = list(template)
+        self.shapes = [tuple(t.shape) for t in template.values()]
+        self.weights = torch.cat([t.detach().reshape(-1).float().cpu() for t in template.values()])
+        if shared:
+            for t in (self.control, self.norm, self.weights):
+                t.share_memory_()
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, offset = {}, 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            n = int(np.prod(shape)) if shape else 1
+            out[name] = flat[offset : offset + n].reshape(shape).clone()
+            offset += n
+        return out
+
+
+def _learn(
+    learner: DQNLearner,
+    buffer: ReplayBuffer,
+    shared: SharedState,
+    lock: Any,
+    options: RunnerOptions,
+    requests: Connection | None,
+    state_lock: threading.Lock,
+    orphaned: Callable[[], bool] = lambda: False,
+) -> None:
+    """The update loop, identical in a thread and in a process."""
+    c = shared.control
+    norm_version = -1.0
+    last_beat = 0.0
+    while c[_STOP] == 0:
+        now = time.time()
+        if now - last_beat > 0.25:
+            last_beat = c[_HEARTBEAT] = now
+            if orphaned():
+                return
+        if requests is not None and requests.poll():
+            requests.recv()
+            with state_lock:
+                # Clones: pickling a live tensor would move the learner's own storage into shared memory.
+                requests.send(_clone(learner.state_dict()))
+        updates = learner.counters.updates
+        budget_left = options.updates_per_transition <= 0 or updates < options.updates_per_transition * c[_INSERTED]
+        if len(buffer) < options.min_size or not budget_left:
+            time.sleep(0.002)
+            continue
+        if c[_NORM_VERSION] != norm_version:
+            norm_version = float(c[_NORM_VERSION])
+            norm = shared.norm.clone()
+            learner.set_normalization(norm[: options.obs_dim].numpy(), norm[options.obs_dim :].numpy(),
+                                      options.feature_clip)
+        with state_lock:
+            stats = learner.update(buffer.sample(learner.settings.batch_size))
+        c[_UPDATES] = learner.counters.updates
+        c[_LOSS], c[_TD], c[_QMAX] = stats
+        if learner.counters.updates % options.publish_every_updates == 0:
+            _publish_weights(learner, shared, lock)
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clone(v) for v in value]
+    return value
+
+
+def _publish_weights(learner: DQNLearner, shared: SharedState, lock: Any) -> None:
+    flat = torch.cat([t.detach().reshape(-1).float().cpu() for t in learner.online.state_dict().values()])
+    with lock:
+        shared.weights.copy_(flat)
+        shared.control[_WEIGHTS_VERSION] += 1
+
+
+class _RunnerBase:
+    def __init__(self, shared: SharedState, lock: Any) -> None:
+        self._shared = shared
+        self._lock = lock
+
+    def stats(self) -> LearnerStats:
+        c = self._shared.control.tolist()
+        return LearnerStats(int(c[_UPDATES]), c[_LOSS], c[_TD], c[_QMAX], c[_HEARTBEAT], int(c[_WEIGHTS_VERSION]))
+
+    def note_inserted(self, total: int) -> None:
+        self._shared.control[_INSERTED] = float(total)
+
+    def set_normalization(self, mean: np.ndarray, std: np.ndarray) -> None:
+        n = len(mean)
+        self._shared.norm[:n] = torch.as_tensor(mean, dtype=torch.float32)
+        self._shared.norm[n:] = torch.as_tensor(std, dtype=torch.float32)
+        self._shared.control[_NORM_VERSION] += 1
+
+    def weights(self) -> tuple[dict[str, torch.Tensor], int]:
+        with self._lock:
+            flat = self._shared.weights.clone()
+            version = int(self._shared.control[_WEIGHTS_VERSION])
+        return self._shared.unflatten(flat), version
+
+
+class ThreadRunner(_RunnerBase):
+    """Updates in a thread of the daemon process (simple; shares the GIL with ingest)."""
+
+    def __init__(self, learner: DQNLearner, buffer: ReplayBuffer, options: RunnerOptions) -> None:
+        super().__init__(SharedState(learner.online.state_dict(), options.obs_dim, shared=False), threading.Lock())
+        self.learner = learner
+        self.buffer = buffer
+        self.options = options
+        self._state_lock = threading.Lock()
+        self._shared.control[_UPDATES] = learner.counters.updates
+        _publish_weights(learner, self._shared, self._lock)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        if self.options.torch_threads > 0:
+            torch.set_num_threads(self.options.torch_threads)
+        self._thread = threading.Thread(target=self._run, name="streamdqn-learner", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            _learn(self.learner, self.buffer, self._shared, self._lock, self.options, None, self._state_lock)
+        except BaseException as exc:
+            self._error = exc
+            self._shared.control[_FAILED] = 1
+            log.exception("learner thread failed")
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._shared.control[_STOP] = 1
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def learner_state(self) -> dict[str, Any]:
+        with self._state_lock:
+            return self.learner.state_dict()
+
+
+def _process_main(
+    settings: LearnerSettings,
+    state: dict[str, Any] | None,
+    buffer: ReplayBuffer,
+    shared: SharedState,
+    lock: Any,
+    options: RunnerOptions,
+    requests: Connection,
+    parent: int,
+) -> None:
+    # The daemon stops this process itself; a terminal's Ctrl-C or systemd's SIGTERM to the whole
+    # cgroup must not kill it before the final checkpoint has asked for its state.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if options.torch_threads > 0:
+        torch.set_num_threads(options.torch_threads)
+    learner = DQNLearner(settings, options.obs_dim, options.n_actions, clip=options.feature_clip)
+    if state is not None:
+        learner.load_state_dict(state)
+    try:
+        # If the daemon was SIGKILLed nobody will stop us: notice being orphaned and exit.
+        _learn(learner, buffer, shared, lock, options, requests, threading.Lock(), lambda: os.getppid() != parent)
+    except BaseException:
+        shared.control[_FAILED] = 1
+        raise
+    finally:
+        shared.control[_HEARTBEAT] = 0
+
+
+class ProcessRunner(_RunnerBase):
+    """Updates in a child process over shared-memory replay: the GIL of ingest does not bind it.
+
+    The replay buffer must have been created with shared=True and the lock this runner is given.
+    """
+
+    def __init__(
+        self,
+        settings: LearnerSettings,
+        state: dict[str, Any] | None,
+        buffer: ReplayBuffer,
+        lock: Any,
+        options: RunnerOptions,
+        initial_weights: dict[str, torch.Tensor],
+        initial_updates: int = 0,
+    ) -> None:
+        super().__init__(SharedState(initial_weights, options.obs_dim, shared=True), lock)
+        self._shared.control[_UPDATES] = initial_updates
+        self.settings = settings
+        self.state = state
+        self.buffer = buffer
+        self.options = options
+        self._ctx = mp.get_context("spawn")
+        self._parent_conn, self._child_conn = self._ctx.Pipe()
+        self._process: Any = None
+        self._request_lock = threading.Lock()
+
+    @staticmethod
+    def make_lock() -> Any:
+        return mp.get_context("spawn").Lock()
+
+    def start(self) -> None:
+        self._process = self._ctx.Process(
+            target=_process_main,
+            args=(self.settings, self.state, self.buffer, self._shared, self._lock, self.options, self._child_conn,
+                  os.getpid()),
+            name="streamdqn-learner",
+            daemon=True,
+        )
+        self._process.start()
+        self.state = None  # the child has its own copy now
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._shared.control[_STOP] = 1
+        if self._process is not None:
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(5)
+        self._parent_conn.close()
+        self._child_conn.close()
+
+    def learner_state(self) -> dict[str, Any]:
+        if not self.alive():
+            raise RuntimeError("the learner process is not running")
+        with self._request_lock:
+            self._parent_conn.send("state")
+            if not self._parent_conn.poll(60):
+                raise TimeoutError("the learner process did not answer a state request within 60 s")
+            state: dict[str, Any] = self._parent_conn.recv()
+        return state

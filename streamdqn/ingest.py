@@ -1,0 +1,338 @@
+"""Record sources: Kafka (aiokafka consumer group) for the daemon, memory for tests and tools.
+
+A source hands out raw records: decoding is streamdqn's own job (telemetry.decode), never
+aiokafka's value_deserializer, since a failing deserializer would redeliver the record forever.
+Only this module imports aiokafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    value: bytes
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    def header(self, name: str) -> bytes | None:
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    record: Record
+    reason: str
+    detail: str
+
+
+PartitionsCallback = Callable[[set[int]], Awaitable[None]]
+
+
+class RecordSource(Protocol):
+    """What the daemon needs from a stream of telemetry records."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def fetch(self, timeout_ms: int) -> list[Record]: ...
+    def assignment(self) -> set[int]: ...
+    def highwater(self) -> dict[int, int]: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    async def commit(self, offsets: dict[int, int]) -> None: ...
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None: ...
+    async def announce(self, payload: bytes) -> None: ...
+    async def broker_reachable(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class KafkaOptions:
+    """The values KafkaSource needs, as plain values (parsed from settings at the edge)."""
+
+    bootstrap_servers: str
+    topic: str
+    group_id: str
+    dlq_topic: str = ""
+    snapshot_topic: str = ""
+    client_id: str = "streamdqn"
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "PLAIN"
+    sasl_plain_username: str = ""
+    sasl_plain_password: str = field(default="", repr=False)
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    max_poll_records: int = 2000
+    fetch_max_bytes: int = 8 * 1024 * 1024
+    max_partition_fetch_bytes: int = 1024 * 1024
+    request_timeout_ms: int = 15_000
+
+
+def client_security(o: KafkaOptions) -> dict[str, object]:
+    """aiokafka keyword arguments for TLS and SASL (shared by consumer, producer and admin client)."""
+    kw: dict[str, object] = {"security_protocol": o.security_protocol}
+    if o.security_protocol in ("SSL", "SASL_SSL"):
+        kw["ssl_context"] = create_ssl_context(
+            cafile=o.ssl_cafile or None, certfile=o.ssl_certfile or None, keyfile=o.ssl_keyfile or None
+        )
+    if o.security_protocol.startswith("SASL"):
+        kw["sasl_mechanism"] = o.sasl_mechanism
+        kw["sasl_plain_username"] = o.sasl_plain_username
+        kw["sasl_plain_password"] = o.sasl_plain_password
+    return kw
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaSource) -> None:
+        self.source = source
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        parts = {tp.partition for tp in revoked if tp.topic == self.source.options.topic}
+        if parts and self.source.on_revoked is not None:
+            await self.source.on_revoked(parts)
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        parts = {tp.partition for tp in assigned if tp.topic == self.source.options.topic}
+        await self.source._seek_assigned(parts)
+        if self.source.on_assigned is not None:
+            await self.source.on_assigned(parts)
+
+
+class KafkaSource:
+    """A consumer-group member on one topic, plus a producer for dead letters and announcements.
+
+    `start_offsets` (partition -> next offset), set before or during a rebalance, decides where an
+    assigned partition is read from: the larger of it and the group's committed offset.
+    """
+
+    def __init__(
+        self,
+        options: KafkaOptions,
+        *,
+        on_assigned: PartitionsCallback | None = None,
+        on_revoked: PartitionsCallback | None = None,
+    ) -> None:
+        self.options = options
+        self.on_assigned = on_assigned
+        self.on_revoked = on_revoked
+        self.start_offsets: dict[int, int] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._paused = False
+
+    async def start(self) -> None:
+        o = self.options
+        security = client_security(o)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=o.bootstrap_servers,
+            group_id=o.group_id,
+            client_id=o.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=o.max_poll_records,
+            fetch_max_bytes=o.fetch_max_bytes,
+            max_partition_fetch_bytes=o.max_partition_fetch_bytes,
+            request_timeout_ms=o.request_timeout_ms,
+            **security,
+        )
+        producer = AIOKafkaProducer(
+            bootstrap_servers=o.bootstrap_servers, client_id=o.client_id, acks="all",
+            request_timeout_ms=o.request_timeout_ms, max_request_size=16 * 1024 * 1024, **security,
+        )
+        try:
+            await producer.start()
+            await consumer.start()
+        except BaseException:
+            await producer.stop()
+            await consumer.stop()
+            raise
+        consumer.subscribe([o.topic], listener=_Rebalance(self))
+        self._consumer, self._producer = consumer, producer
+
+    async def stop(self) -> None:
+        consumer, producer = self._consumer, self._producer
+        self._consumer = self._producer = None
+        if consumer is not None:
+            await consumer.stop()
+        if producer is not None:
+            await producer.stop()
+
+    async def _seek_assigned(self, partitions: set[int]) -> None:
+        assert self._consumer is not None
+        for p in partitions:
+            tp = TopicPartition(self.options.topic, p)
+            checkpointed = self.start_offsets.get(p)
+            if checkpointed is None:
+                continue
+            try:
+                committed = await self._consumer.committed(tp)
+            except KafkaError:
+                committed = None
+            self._consumer.seek(tp, max(checkpointed, committed or 0))
+        if self._paused:
+            self.pause()
+
+    async def fetch(self, timeout_ms: int) -> list[Record]:
+        assert self._consumer is not None, "KafkaSource.fetch before start"
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms)
+        return [
+            Record(m.topic, m.partition, m.offset, m.value or b"", m.key, tuple(m.headers or ()))
+            for messages in batches.values()
+            for m in messages
+        ]
+
+    def assignment(self) -> set[int]:
+        if self._consumer is None:
+            return set()
+        return {tp.partition for tp in self._consumer.assignment() if tp.topic == self.options.topic}
+
+    def highwater(self) -> dict[int, int]:
+        """Per assigned partition, the high watermark seen in the last fetch response."""
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        marks = {tp.partition: consumer.highwater(tp) for tp in consumer.assignment()}
+        return {p: h for p, h in marks.items() if h is not None}
+
+    def pause(self) -> None:
+        self._paused = True
+        if self._consumer is not None:
+            self._consumer.pause(*self._consumer.assignment())
+
+    def resume(self) -> None:
+        self._paused = False
+        if self._consumer is not None:
+            self._consumer.resume(*self._consumer.assignment())
+
+    async def commit(self, offsets: dict[int, int]) -> None:
+        if self._consumer is None or not offsets:
+            return
+        mine = self.assignment()
+        tps = {TopicPartition(self.options.topic, p): o for p, o in offsets.items() if p in mine}
+        if tps:
+            await self._consumer.commit(tps)
+
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        """Write dead letters and wait for every acknowledgement (raises if one fails)."""
+        if not letters or not self.options.dlq_topic:
+            return
+        assert self._producer is not None
+        futures = []
+        for letter in letters:
+            r = letter.record
+            headers = [
+                *r.headers,
+                ("streamdqn-reason", letter.reason.encode()),
+                ("streamdqn-error", letter.detail.encode()[:2000]),
+                ("streamdqn-source-topic", r.topic.encode()),
+                ("streamdqn-source-partition", str(r.partition).encode()),
+                ("streamdqn-source-offset", str(r.offset).encode()),
+            ]
+            futures.append(await self._producer.send(self.options.dlq_topic, r.value, key=r.key, headers=headers))
+        await asyncio.gather(*futures)
+
+    async def announce(self, payload: bytes) -> None:
+        if self.options.snapshot_topic and self._producer is not None:
+            await self._producer.send_and_wait(self.options.snapshot_topic, payload)
+
+    async def broker_reachable(self) -> bool:
+        producer = self._producer
+        if producer is None:
+            return False
+        try:
+            await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout=5)
+            return True
+        except (KafkaError, asyncio.TimeoutError, OSError):
+            return False
+
+
+async def ensure_topics(options: KafkaOptions, topics: dict[str, int]) -> None:
+    """Create topics (name -> partitions) that do not exist yet."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=options.bootstrap_servers, client_id=options.client_id, **client_security(options)
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [NewTopic(name, parts, 1) for name, parts in topics.items() if name and name not in existing]
+        if new:
+            try:
+                await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+
+
+class MemorySource:
+    """Records from a list: the daemon run without a broker (tests, tools). One partition per value."""
+
+    def __init__(self, records: Sequence[Record] = ()) -> None:
+        self._records = list(records)
+        self._next = 0
+        self.committed: dict[int, int] = {}
+        self.dead_letters: list[DeadLetter] = []
+        self.announcements: list[bytes] = []
+        self.paused = False
+
+    def add(self, records: Sequence[Record]) -> None:
+        self._records.extend(records)
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def fetch(self, timeout_ms: int) -> list[Record]:
+        if self.paused or self._next >= len(self._records):
+            await asyncio.sleep(min(timeout_ms, 50) / 1000)
+            return []
+        batch = self._records[self._next : self._next + 500]
+        self._next += len(batch)
+        return batch
+
+    def assignment(self) -> set[int]:
+        return {r.partition for r in self._records} or {0}
+
+    def highwater(self) -> dict[int, int]:
+        marks: dict[int, int] = {}
+        for r in self._records:
+            marks[r.partition] = max(marks.get(r.partition, 0), r.offset + 1)
+        return marks
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    async def commit(self, offsets: dict[int, int]) -> None:
+        self.committed.update(offsets)
+
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        self.dead_letters.extend(letters)
+
+    async def announce(self, payload: bytes) -> None:
+        self.announcements.append(payload)
+
+    async def broker_reachable(self) -> bool:
+        return True

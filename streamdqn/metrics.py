@@ -1,0 +1,123 @@
+"""Prometheus metrics on an injected CollectorRegistry. Only this module imports prometheus_client.
+
+Totals and gauges are read at scrape time from a `MetricsSnapshot` that the daemon builds from its
+restored, checkpointed counters (so a restart does not double-count); the four histograms observe
+values as they happen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    events_consumed: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    dead_lettered: int = 0
+    transitions: int = 0
+    episodes: int = 0
+    replay_size: int = 0
+    replay_capacity: int = 0
+    updates: int = 0
+    samples_per_insert: float = 0.0
+    loss: float = float("nan")
+    td_error_abs: float = float("nan")
+    q_max_mean: float = float("nan")
+    epsilon: float = 1.0
+    consumer_lag: dict[int, int] = field(default_factory=dict)
+    snapshot_version: int = 0
+    snapshot_published: float = 0.0
+    snapshot_rejected: int = 0
+    snapshot_failures: int = 0
+    checkpoint_failures: int = 0
+    event_loop_lag: float = 0.0
+    broker_connected: bool = False
+    partitions_assigned: int = 0
+    build: dict[str, str] = field(default_factory=dict)
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, read: Callable[[], MetricsSnapshot]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.read()
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(f"streamdqn_{name}", doc, value=value)
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"streamdqn_{name}", doc, value=value)
+
+        yield counter("events_consumed", "Valid telemetry events ingested (events, not messages).", s.events_consumed)
+        rejected = CounterMetricFamily("streamdqn_events_rejected", "Bad events and undecodable messages.",
+                                       labels=["reason"])
+        for reason, n in sorted(s.rejected.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield counter("events_dead_lettered", "Records written to the dead-letter topic.", s.dead_lettered)
+        yield counter("transitions", "RL transitions pushed to the replay buffer.", s.transitions)
+        yield counter("episodes", "Episodes finished.", s.episodes)
+        yield counter("learner_updates", "DQN gradient updates.", s.updates)
+        yield counter("snapshot_rejected", "Candidate snapshots refused by the publish gate.", s.snapshot_rejected)
+        yield counter("snapshot_failures", "Snapshot exports or publishes that failed.", s.snapshot_failures)
+        yield counter("checkpoint_failures", "Checkpoint writes that failed.", s.checkpoint_failures)
+        yield gauge("replay_size", "Transitions in the replay buffer.", s.replay_size)
+        yield gauge("replay_capacity", "Replay buffer capacity.", s.replay_capacity)
+        yield gauge("learner_samples_per_insert", "Replay ratio achieved: sampled / inserted transitions.",
+                    s.samples_per_insert)
+        yield gauge("learner_loss", "Huber TD loss of the last update.", s.loss)
+        yield gauge("learner_td_error_abs", "Mean |TD error| of the last update's batch.", s.td_error_abs)
+        yield gauge("learner_q_max_mean", "Mean max-Q of the last update's batch.", s.q_max_mean)
+        yield gauge("epsilon", "Exploration rate of the behaviour policy.", s.epsilon)
+        lag = GaugeMetricFamily("streamdqn_consumer_lag", "High watermark minus position, per partition.",
+                                labels=["partition"])
+        for partition, value in sorted(s.consumer_lag.items()):
+            lag.add_metric([str(partition)], value)
+        yield lag
+        yield gauge("snapshot_version", "Version of the latest published snapshot.", s.snapshot_version)
+        yield gauge("snapshot_published_timestamp_seconds", "When the latest snapshot was published (epoch s).",
+                    s.snapshot_published)
+        yield gauge("event_loop_lag_seconds", "How late the event loop ran a 0.5 s timer, last measurement.",
+                    s.event_loop_lag)
+        yield gauge("broker_connected", "1 when the Kafka broker answered the last metadata request.",
+                    1.0 if s.broker_connected else 0.0)
+        yield gauge("partitions_assigned", "Partitions of the telemetry topic assigned to this member.",
+                    s.partitions_assigned)
+        info = GaugeMetricFamily("streamdqn_build_info", "Build information.", labels=sorted(s.build))
+        info.add_metric([s.build[k] for k in sorted(s.build)], 1.0)
+        yield info
+
+
+class DaemonMetrics:
+    """The daemon's metrics on its own registry (never the global one)."""
+
+    def __init__(self, read: Callable[[], MetricsSnapshot], registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.registry.register(_SnapshotCollector(read))
+        self.episode_return = Histogram(
+            "streamdqn_episode_return", "Return of finished episodes under the reward table.",
+            buckets=(-2.0, -1.5, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5), registry=self.registry,
+        )
+        self.ingest_batch_seconds = Histogram(
+            "streamdqn_ingest_batch_seconds", "Time to process one fetched batch.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=self.registry,
+        )
+        self.snapshot_export_seconds = Histogram(
+            "streamdqn_snapshot_export_seconds", "Export + check + parity + publish of a snapshot.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0), registry=self.registry,
+        )
+        self.checkpoint_seconds = Histogram(
+            "streamdqn_checkpoint_seconds", "Time to write a checkpoint.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0), registry=self.registry,
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

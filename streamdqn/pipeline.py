@@ -1,0 +1,194 @@
+"""The ingest stage: raw records -> decode -> validate -> rate cap -> episodes -> features -> actions
+-> transitions -> replay. Synchronous and vectorized per batch; the daemon calls it between fetches.
+
+Every record ends up accounted for: its valid events are consumed, its invalid ones are rejected
+by reason, and a record with any rejection is returned as a dead letter carrying its original bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamdqn.features import RunningNormalizer
+from streamdqn.ingest import DeadLetter, Record
+from streamdqn.learner import ActingPolicy
+from streamdqn.telemetry import Reject, TelemetryEvent, decode
+from streamdqn.transitions import EpisodeTracker, TransitionBatch
+
+REASON_RATE_LIMITED = "rate_limited"
+
+
+@dataclass
+class Counters:
+    """Cumulative counts, saved in checkpoints so that each event is counted once across restarts."""
+
+    events_consumed: int = 0
+    records: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    dead_lettered: int = 0
+    transitions: int = 0
+    episodes: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"events_consumed": self.events_consumed, "records": self.records,
+                "rejected": dict(self.rejected), "dead_lettered": self.dead_lettered,
+                "transitions": self.transitions, "episodes": self.episodes}
+
+    @staticmethod
+    def from_state(state: dict[str, Any]) -> Counters:
+        return Counters(state["events_consumed"], state["records"], Counter(state["rejected"]),
+                        state["dead_lettered"], state["transitions"], state["episodes"])
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    events: int
+    transitions: int
+    rejected: Counter[str]
+    dead_letters: list[DeadLetter]
+    next_offsets: dict[int, int]  # partition -> offset after the last record of this batch
+    episode_returns: list[float]
+    episode_malicious: list[bool]
+
+
+class RateLimiter:
+    """Token bucket per source: `rate` events per second, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: float, max_sources: int = 100_000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_sources = max_sources
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, source: str, n: int, now: float) -> int:
+        """How many of n events from `source` fit now."""
+        tokens, last = self._buckets.get(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        allowed = min(n, int(tokens))
+        if len(self._buckets) >= self.max_sources and source not in self._buckets:
+            self._buckets.clear()  # bounded memory under a flood of distinct keys
+        self._buckets[source] = (tokens - allowed, now)
+        return allowed
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    max_message_bytes: int = 1 << 20
+    max_events_per_message: int = 10_000
+    rate_limit_key: str = "record_key"  # record_key | header | sandbox_id
+    rate_limit_header: str = "x-sandbox-host"
+
+
+class IngestPipeline:
+    def __init__(
+        self,
+        tracker: EpisodeTracker,
+        normalizer: RunningNormalizer,
+        policy: ActingPolicy,
+        push: Callable[[TransitionBatch], None],
+        options: PipelineOptions,
+        rate_limiter: RateLimiter | None = None,
+        counters: Counters | None = None,
+    ) -> None:
+        self.tracker = tracker
+        self.normalizer = normalizer
+        self.policy = policy
+        self.push = push
+        self.options = options
+        self.rate_limiter = rate_limiter
+        self.counters = counters or Counters()
+
+    def _source_of(self, record: Record, event: TelemetryEvent) -> str:
+        key = self.options.rate_limit_key
+        if key == "record_key" and record.key is not None:
+            return "k:" + record.key.hex()
+        if key == "header":
+            value = record.header(self.options.rate_limit_header)
+            if value is not None:
+                return "h:" + value.hex()
+        return "s:" + event.sandbox_id
+
+    def process(self, records: Sequence[Record], now: float | None = None) -> BatchOutcome:
+        now = time.monotonic() if now is None else now
+        rejected: Counter[str] = Counter()
+        problems: dict[int, list[Reject]] = {}  # record position -> its rejects
+        events: list[TelemetryEvent] = []
+        origin: list[int] = []  # record position of each event
+        next_offsets: dict[int, int] = {}
+        o = self.options
+        for r_index, record in enumerate(records):
+            next_offsets[record.partition] = max(next_offsets.get(record.partition, 0), record.offset + 1)
+            ct = record.header("content-type")
+            decoded = decode(record.value, ct.decode("latin-1") if ct else None,
+                             max_bytes=o.max_message_bytes, max_events=o.max_events_per_message)
+            if decoded.rejects:
+                problems[r_index] = list(decoded.rejects)
+            kept = decoded.events
+            if self.rate_limiter is not None and kept:
+                allowed = self.rate_limiter.allow(self._source_of(record, kept[0]), len(kept), now)
+                if allowed < len(kept):
+                    problems.setdefault(r_index, []).extend(
+                        Reject(i, REASON_RATE_LIMITED, "per-source event rate cap exceeded")
+                        for i in decoded.indices[allowed:]
+                    )
+                    kept = kept[:allowed]
+            events.extend(kept)
+            origin.extend([r_index] * len(kept))
+
+        partitions = [records[i].partition for i in origin]
+        observed, closing = self.tracker.observe(events, now, partitions)
+        for reject in observed.rejects:
+            problems.setdefault(origin[reject.index], []).append(reject)
+
+        self.normalizer.update(observed.features)
+        n = self.normalizer
+        self.policy.set_normalization(n.mean, n.std, n.clip)
+        actions = self.policy.act(observed.features)
+        batch = self.tracker.act(observed, actions)
+        expired = self.tracker.expire(now)
+        transitions = 0
+        returns: list[float] = []
+        malicious: list[bool] = []
+        for b in (closing, batch, expired):
+            self.push(b)
+            transitions += len(b)
+            returns += b.episode_returns
+            malicious += b.episode_malicious
+        self.policy.acting_steps += transitions
+
+        letters = []
+        for r_index, rejects in sorted(problems.items()):
+            for reject in rejects:
+                rejected[reject.reason] += 1
+            detail = "; ".join(f"[{r.index}] {r.detail}" if r.index >= 0 else r.detail for r in rejects)
+            letters.append(DeadLetter(records[r_index], rejects[0].reason, detail[:2000]))
+
+        c = self.counters
+        c.events_consumed += len(observed.events)
+        c.records += len(records)
+        c.rejected.update(rejected)
+        c.transitions += transitions
+        c.episodes += len(returns)
+        return BatchOutcome(len(observed.events), transitions, rejected, letters, next_offsets, returns, malicious)
+
+    def drop_partitions(self, partitions: set[int]) -> int:
+        return self.tracker.drop_partitions(partitions)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tracker": self.tracker.state_dict(),
+            "normalizer": self.normalizer.state_dict(),
+            "counters": self.counters.state_dict(),
+            "acting_steps": self.policy.acting_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], now: float) -> None:
+        self.tracker.load_state_dict(state["tracker"], now)
+        self.normalizer.load_state_dict(state["normalizer"])
+        self.counters = Counters.from_state(state["counters"])
+        self.policy.acting_steps = int(state["acting_steps"])
+
