@@ -1,0 +1,277 @@
+"""The HTTP face of the daemon: snapshots for the sandboxes, /metrics for Prometheus, probes for systemd/k8s.
+
+    GET /healthz                               200, health() as JSON (never needs a token)
+    GET /readyz                                200 or 503, ready()'s details as JSON (never needs a token)
+    GET /metrics                               render_metrics() (token only with protect_metrics)
+    GET /snapshots                             {"latest": v, "versions": [...]}
+    GET /snapshots/latest/{model.onnx,manifest.json}      Cache-Control: no-cache, X-Snapshot-Version
+    GET /snapshots/<version>/{model.onnx,manifest.json}   immutable, cacheable for a year
+
+Thousands of sandboxes poll `latest/manifest.json` with If-None-Match, so the common answer is a
+304 from memory: each request resolves `latest` once and stats the version directory in a worker
+thread, and the files of the few most recent versions are held in a small LRU. The event loop never
+reads snapshot files itself.
+
+The path is never joined from request text: the version segment must be `latest` or a canonical
+ASCII decimal (1-12 digits, no sign, no leading zero), the file name one of two constants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import stat
+import threading
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from streamdqn.snapshots import LATEST, MANIFEST_FILE, MODEL_FILE
+
+log = logging.getLogger(__name__)
+
+# Canonical form only, so that each version has exactly one URL (and one cache entry downstream).
+# [0-9] with re.ASCII: \d would also match Arabic-Indic or fullwidth digits, which int() turns into 1.
+_VERSION_RE = re.compile(r"[1-9][0-9]{0,11}", re.ASCII)
+_FILES = {MODEL_FILE: "application/octet-stream", MANIFEST_FILE: "application/json"}
+CACHE_VERSIONS = 4
+IMMUTABLE = "max-age=31536000, immutable"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class _VersionFiles:
+    """One published version, read once: both files and their ETags."""
+
+    version: int
+    identity: tuple[int, int, int]  # (st_dev, st_ino, st_mtime_ns) of the version directory
+    model: bytes
+    manifest: bytes
+    model_etag: str
+    manifest_etag: str
+
+
+class _NotFound(Exception):
+    """The version does not exist (or is not a complete snapshot)."""
+
+
+class SnapshotFiles:
+    """Read-only view of a snapshot directory with a bounded per-version cache.
+
+    It never writes or cleans the directory (that is SnapshotStore's job in the publishing
+    process). Cache entries are keyed by the version directory's identity, so a version that is
+    pruned or recreated under the same number is re-read rather than served stale.
+    """
+
+    def __init__(self, root: Path, cache_versions: int = CACHE_VERSIONS) -> None:
+        self.root = Path(root)
+        self._cache: OrderedDict[int, _VersionFiles] = OrderedDict()
+        self._cache_size = max(1, cache_versions)
+        self._lock = threading.Lock()
+
+    def latest_version(self) -> int | None:
+        """Read the `latest` symlink once; None when nothing is published."""
+        try:
+            target = os.readlink(self.root / LATEST)
+        except OSError:
+            return None
+        return int(target) if _VERSION_RE.fullmatch(target) else None
+
+    def versions(self) -> list[int]:
+        try:
+            names = [entry.name for entry in os.scandir(self.root) if entry.is_dir(follow_symlinks=False)]
+        except OSError:
+            return []
+        return sorted(int(name) for name in names if _VERSION_RE.fullmatch(name))
+
+    def listing(self) -> dict[str, Any]:
+        return {"latest": self.latest_version(), "versions": self.versions()}
+
+    def load(self, version: int | None) -> _VersionFiles:
+        """The files of `version` (None: resolve `latest` now), or _NotFound. Blocking: run in a thread."""
+        if version is None:
+            version = self.latest_version()
+            if version is None:
+                raise _NotFound("no snapshot published yet")
+        path = self.root / str(version)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except OSError:
+            raise _NotFound(f"snapshot {version} does not exist") from None
+        if not stat.S_ISDIR(st.st_mode):  # SnapshotStore writes real directories; never follow a planted link
+            raise _NotFound(f"snapshot {version} does not exist")
+        identity = (st.st_dev, st.st_ino, st.st_mtime_ns)
+        with self._lock:
+            cached = self._cache.get(version)
+            if cached is not None and cached.identity == identity:
+                self._cache.move_to_end(version)
+                return cached
+        try:
+            manifest = (path / MANIFEST_FILE).read_bytes()
+            model = (path / MODEL_FILE).read_bytes()
+            model_sha = json.loads(manifest)["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise _NotFound(f"snapshot {version} is incomplete or its manifest is unreadable") from None
+        if not isinstance(model_sha, str):
+            raise _NotFound(f"snapshot {version} has no sha256 in its manifest")
+        files = _VersionFiles(
+            version=version,
+            identity=identity,
+            model=model,
+            manifest=manifest,
+            model_etag=f'"{model_sha}"',
+            manifest_etag=f'"{hashlib.sha256(manifest).hexdigest()}"',
+        )
+        with self._lock:
+            self._cache[version] = files
+            self._cache.move_to_end(version)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return files
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """RFC 9110 If-None-Match: `*`, a comma-separated list, weak comparison (W/ ignored)."""
+    wanted = etag.removeprefix("W/")
+    for candidate in if_none_match.split(","):
+        candidate = candidate.strip()
+        if candidate == "*" or candidate.removeprefix("W/") == wanted:
+            return True
+    return False
+
+
+def _bearer_token(request: web.Request) -> str | None:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip()
+
+
+def _require_token(token: str, handler: Handler) -> Handler:
+    """Wrap `handler` so that it answers 401 without `Authorization: Bearer <token>`."""
+    expected = token.encode()
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        given = _bearer_token(request)
+        # compare_digest on bytes: constant time, and no TypeError on non-ASCII input.
+        if given is None or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
+            challenge = 'Bearer realm="streamdqn"'
+            if given is not None:
+                challenge += ', error="invalid_token"'
+            return web.json_response(
+                {"error": "missing bearer token" if given is None else "invalid bearer token"},
+                status=401,
+                headers={"WWW-Authenticate": challenge},
+            )
+        return await handler(request)
+
+    return guarded
+
+
+def build_app(
+    *,
+    snapshots_dir: Path,
+    render_metrics: Callable[[], tuple[bytes, str]],
+    health: Callable[[], dict[str, Any]],
+    ready: Callable[[], tuple[bool, dict[str, Any]]],
+    token: str = "",
+    protect_metrics: bool = False,
+    cache_versions: int = CACHE_VERSIONS,
+) -> web.Application:
+    """The aiohttp application; `token` (if set) guards /snapshots* and, with protect_metrics, /metrics."""
+    files = SnapshotFiles(snapshots_dir, cache_versions)
+    immutable = ("private, " if token else "public, ") + IMMUTABLE
+
+    def guard(handler: Handler) -> Handler:
+        return _require_token(token, handler) if token else handler
+
+    async def healthz(request: web.Request) -> web.StreamResponse:
+        return web.json_response(health())
+
+    async def readyz(request: web.Request) -> web.StreamResponse:
+        ok, details = ready()
+        return web.json_response(details, status=200 if ok else 503)
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        body, content_type = render_metrics()
+        # Set the header directly: aiohttp's content_type= refuses the parameters Prometheus sends.
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def snapshot_index(request: web.Request) -> web.StreamResponse:
+        listing = await asyncio.to_thread(files.listing)
+        return web.json_response(listing, headers={"Cache-Control": "no-cache"})
+
+    async def snapshot_file(request: web.Request) -> web.StreamResponse:
+        segment, name = request.match_info["version"], request.match_info["name"]
+        if name not in _FILES or not (segment == LATEST or _VERSION_RE.fullmatch(segment)):
+            raise web.HTTPNotFound()
+        is_latest = segment == LATEST
+        try:
+            # One thread hop resolves `latest` once and returns that version's files, so the
+            # manifest and model of one request always belong to the same version.
+            snap = await asyncio.to_thread(files.load, None if is_latest else int(segment))
+        except _NotFound as exc:
+            return web.json_response({"error": str(exc)}, status=404)
+        if name == MODEL_FILE:
+            body, etag = snap.model, snap.model_etag
+        else:
+            body, etag = snap.manifest, snap.manifest_etag
+        headers = {
+            "ETag": etag,
+            "Cache-Control": "no-cache" if is_latest else immutable,
+            "X-Snapshot-Version": str(snap.version),
+            "X-Content-Type-Options": "nosniff",
+        }
+        if etag_matches(request.headers.get("If-None-Match", ""), etag):
+            return web.Response(status=304, headers=headers)
+        headers["Content-Type"] = _FILES[name]
+        return web.Response(body=body, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", guard(metrics) if protect_metrics else metrics)
+    app.router.add_get("/snapshots", guard(snapshot_index))
+    app.router.add_get("/snapshots/{version}/{name}", guard(snapshot_file))
+    return app
+
+
+async def start_http(
+    app: web.Application, host: str, port: int, *, access_log: bool = False, shutdown_timeout: float = 5.0
+) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port; returns the runner and the bound port (port 0 picks a free one).
+
+    The access log is off by default: at thousands of polls a minute it drowns everything else.
+    """
+    runner = web.AppRunner(
+        app,
+        access_log=logging.getLogger("aiohttp.access") if access_log else None,
+        shutdown_timeout=shutdown_timeout,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1]
+    log.info("HTTP server listening on %s:%d", host, bound)
+    return runner, bound
+
+
+async def stop_http(runner: web.AppRunner) -> None:
+    """Stop listening and close connections; safe to call twice."""
+    if runner.server is None:
+        return
+    await runner.cleanup()
