@@ -41,7 +41,8 @@ def _train(args: argparse.Namespace) -> int:
                           progress=not args.quiet, **hyper)
     last = returns[-min(100, len(returns)):]
     print(f"trained {len(returns)} episodes; mean return of the last {len(last)}: {sum(last) / len(last):+.3f}")
-    print(f"checkpoints: {args.state_dir / 'checkpoints'}  snapshot: {args.state_dir / 'snapshots' / 'latest'}")
+    print(f"checkpoints: {args.state_dir / 'checkpoints'}  snapshot: {args.state_dir / 'snapshots' / 'latest'}  "
+          f"curves: {args.state_dir / 'report.png'}")
     return 0
 
 
@@ -85,6 +86,14 @@ def _pull(args: argparse.Namespace) -> int:
     token = args.token_file.read_text().strip() if args.token_file else ""
     verifier = load_verifier(args.verify_alg, str(args.verify_key)) if args.verify_key else None
     print(format_pull_result(pull(args.url, args.out, token=token, verifier=verifier)))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from streamdqn.report import plot_report
+
+    n = plot_report(args.state, args.out)
+    print(f"wrote {args.out} ({n} points from {args.state})")
     return 0
 
 
@@ -148,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-key", type=Path, help="public key (ed25519) or shared secret (hmac-sha256)")
     p.add_argument("--verify-alg", choices=["ed25519", "hmac-sha256"], default="ed25519")
     p.set_defaults(func=_pull)
+
+    p = sub.add_parser("report", help="draw training curves (return, loss, epsilon, snapshots) into a PNG")
+    p.add_argument("--state", type=Path, default=Path("state"), help="the state directory of a run")
+    p.add_argument("--out", type=Path, default=Path("report.png"))
+    p.set_defaults(func=_report)
     return parser
 
 

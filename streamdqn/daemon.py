@@ -36,6 +36,7 @@ from streamdqn.metrics import DaemonMetrics, MetricsSnapshot
 from streamdqn.model import QNetwork
 from streamdqn.pipeline import IngestPipeline, PipelineOptions, RateLimiter
 from streamdqn.replay import ReplayBuffer
+from streamdqn.report import HistoryPoint, append_history
 from streamdqn.sdnotify import SystemdNotifier
 from streamdqn.server import build_app, start_http, stop_http
 from streamdqn.snapshots import SnapshotStore, publish_snapshot
@@ -112,6 +113,7 @@ class Daemon:
         self.notifier = SystemdNotifier()
         self._ingest_lock = asyncio.Lock()
         self._signals = 0
+        self._returns_since_history: list[float] = []
         self.runner: LearnerRunner | None = None
         self.replay: ReplayBuffer | None = None
         self.pipeline: IngestPipeline | None = None
@@ -173,6 +175,7 @@ class Daemon:
         self.replay.push(batch.states, batch.actions, batch.rewards, batch.next_states, batch.dones)
         for r in batch.episode_returns:
             self.metrics.episode_return.observe(r)
+        self._returns_since_history += batch.episode_returns
 
     # ---------------------------------------------------------------- lifecycle
     async def serve(self) -> int:
@@ -433,6 +436,7 @@ class Daemon:
             return False
         seconds = time.perf_counter() - started
         self.metrics.checkpoint_seconds.observe(seconds)
+        self._append_history(state)
         log_event("checkpoint written", path=str(path), seconds=round(seconds, 3), offsets=offsets,
                   events_consumed=state["pipeline"]["counters"]["events_consumed"],
                   updates=state["learner"]["updates"], final=final)
@@ -443,6 +447,17 @@ class Daemon:
             except Exception as exc:
                 log_event("offset commit failed", error=repr(exc)[:300])
         return True
+
+    def _append_history(self, state: dict[str, Any]) -> None:
+        returns, self._returns_since_history = self._returns_since_history, []
+        assert self.runner is not None and self.pipeline is not None
+        try:
+            append_history(self.state_dir, HistoryPoint(
+                time.time(), state["pipeline"]["counters"]["events_consumed"], state["learner"]["updates"],
+                float(np.mean(returns)) if returns else float("nan"), self.runner.stats().loss,
+                self.pipeline.policy.epsilon, self.health.snapshot_version))
+        except OSError as exc:
+            log_event("history append failed", error=repr(exc)[:300])
 
     async def publish(self, final: bool = False) -> bool:
         assert self.runner is not None and self.pipeline is not None

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,6 +22,7 @@ from streamdqn.errors import ConfigError
 from streamdqn.features import FEATURE_DIM, FeatureSpec, RunningNormalizer
 from streamdqn.learner import DQNLearner, LearnerSettings
 from streamdqn.replay import ReplayBuffer
+from streamdqn.report import HistoryPoint, append_history, plot_report
 from streamdqn.snapshots import Snapshot, SnapshotStore, publish_snapshot
 from streamdqn.telemetry import ACTION_NAMES, Action, read_events_file
 from streamdqn.transitions import EpisodeData, EpisodeTracker, RewardTable, TransitionBatch, split_episodes
@@ -193,13 +195,21 @@ def train(
             )
             if progress:
                 bar.write(line)
+            if state_dir:
+                append_history(Path(state_dir), HistoryPoint(
+                    time.time(), events_seen, learner.counters.updates,
+                    float(np.mean(episode_returns[-options.log_every:])),
+                    float(np.mean(recent_loss)) if recent_loss else float("nan"), learner.epsilon, 0))
         if checkpoints and (i + 1) % options.checkpoint_every == 0:
             checkpoints.save({**agent.state_dict(), "episode": i + 1, "events_seen": events_seen})
 
     if checkpoints:
         checkpoints.save({**agent.state_dict(), "episode": num_episodes, "events_seen": events_seen})
     if state_dir:
-        publish_final_snapshot(agent, episodes, Path(state_dir), events_seen, buffer.total_pushed)
+        snapshot = publish_final_snapshot(agent, episodes, Path(state_dir), events_seen, buffer.total_pushed)
+        append_history(Path(state_dir), HistoryPoint(time.time(), events_seen, learner.counters.updates,
+                                                     float("nan"), float("nan"), learner.epsilon, snapshot.version))
+        plot_report(Path(state_dir), Path(state_dir) / "report.png")
     return agent, episode_returns, episode_losses
 
 

@@ -106,6 +106,7 @@ class _Episode:
     last_step: int = -1
     last_seen: float = 0.0
     responded: bool = False
+    # Ended in the batch being observed (a final event, or its sandbox moved on): `act` closes it.
     final_seen: bool = False
     pending: _Pending | None = None
     episode_return: float = 0.0
@@ -193,8 +194,10 @@ class EpisodeTracker:
         idle_timeout: float = 300.0,
         reward_clip: float = 10.0,
         remember_closed: int = 100_000,
+        counterfactual_responses: bool = True,
     ) -> None:
         self.rewards = rewards or RewardTable()
+        self.counterfactual_responses = counterfactual_responses
         self.idle_timeout = idle_timeout
         self.reward_clip = reward_clip
         self._open: dict[tuple[str, str], _Episode] = {}
@@ -222,9 +225,17 @@ class EpisodeTracker:
                 rejects.append(Reject(i, REASON_EPISODE_CLOSED, f"episode {key[1]} of {key[0]} already ended"))
                 continue
             episode = self._open.get(key)
+            if episode is not None and episode.final_seen:
+                # Ended earlier in this batch (`act` closes it): the same as arriving in a later batch.
+                rejects.append(Reject(i, REASON_EPISODE_CLOSED, f"episode {key[1]} of {key[0]} ended"))
+                continue
             if episode is None:
                 previous = self._current.get(event.sandbox_id)
-                if previous is not None and previous in self._open:
+                if previous is not None and previous in slot:
+                    # It has events in this batch that `act` has yet to turn into transitions: mark it
+                    # ended so that `act` closes it after them, its last step counting as the final one.
+                    self._open[previous].final_seen = True
+                elif previous is not None and previous in self._open:
                     self._close(self._open[previous], closing)
                 partition = partitions[i] if partitions is not None else -1
                 episode = self._open[key] = _Episode(key=key, partition=partition)
@@ -301,6 +312,8 @@ class EpisodeTracker:
         idx = np.flatnonzero(complete)
         nxt = np.where(done[idx], idx, np.minimum(idx + 1, n - 1))
         out.add(feats[idx], actions[idx], rewards[idx], feats[nxt], done[idx])
+        if self.counterfactual_responses:
+            self._add_counterfactuals(out, feats, actions, malicious, severity, np.flatnonzero(alive))
         np.add.at(_returns := np.zeros(len(observed.episodes)), group[idx], rewards[idx])
 
         last_rows = np.append(starts[1:], n) - 1
@@ -319,6 +332,22 @@ class EpisodeTracker:
                     self._close(episode, out)
                 # A responded episode stays open (its later events are consumed but ignored) until final.
         return out.batch()
+
+    def _add_counterfactuals(
+        self, out: _Collector, feats: np.ndarray, actions: np.ndarray, malicious: np.ndarray,
+        severity: np.ndarray, rows: np.ndarray,
+    ) -> None:
+        # Telemetry is exogenous: what a sample does before the response does not depend on the
+        # policy, so the reward of every response at every visited step is known from the table.
+        # Adding those terminal transitions teaches Q(s, response) at every state the behaviour
+        # policy reached, not only where exploration happened to respond.
+        for response in range(1, len(Action)):
+            r = rows[actions[rows] != response]
+            if len(r) == 0:
+                continue
+            chosen = np.full(len(r), response, dtype=np.int64)
+            reward = self.rewards.rewards(chosen, malicious[r], severity[r], np.zeros(len(r), bool))
+            out.add(feats[r], chosen, reward, feats[r], np.ones(len(r), bool))
 
     def expire(self, now: float) -> TransitionBatch:
         """Close episodes idle for longer than the idle timeout (their last step counts as final)."""

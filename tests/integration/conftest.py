@@ -251,7 +251,7 @@ def write_config(path: Path, topics: Topics, state_dir: Path, port: int, **secti
         "lifecycle": {"stop_timeout_seconds": 30.0, "progress_timeout_seconds": 60.0,
                       "broker_retry_max_seconds": 2.0},
         "learner": {"hidden": [64, 64], "epsilon_decay_steps": 2000, "updates_per_transition": 0.5},
-        "replay": {"capacity": 50_000, "min_size": 200},
+        "replay": {"capacity": 50_000, "min_size": 100},
         "log": {"json": True, "level": "INFO"},
     }
     for name, values in sections.items():

@@ -1,0 +1,85 @@
+"""Training history (state/history.jsonl) and its picture, for users without Grafana.
+
+The daemon appends one line per checkpoint and `streamdqn train` one per progress line; `streamdqn
+report --state DIR --out report.png` draws episode return, loss, epsilon and snapshot versions over time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HISTORY_FILE = "history.jsonl"
+
+
+@dataclass(frozen=True)
+class HistoryPoint:
+    time: float  # epoch seconds
+    events: int
+    updates: int
+    episode_return: float  # mean return of the episodes finished since the previous point (nan: none)
+    loss: float
+    epsilon: float
+    snapshot_version: int
+
+
+def append_history(state_dir: Path, point: HistoryPoint) -> None:
+    """Append one line; a torn last line from a crash is skipped by `read_history`."""
+    path = Path(state_dir) / HISTORY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                       for k, v in asdict(point).items()})
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_history(state_dir: Path) -> list[HistoryPoint]:
+    path = Path(state_dir) / HISTORY_FILE
+    points = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            raw = json.loads(line)
+            points.append(HistoryPoint(**{k: (math.nan if v is None else v) for k, v in raw.items()}))
+        except (ValueError, TypeError):
+            continue
+    return points
+
+
+def plot_report(state_dir: Path, out: Path) -> int:
+    """Draw the history of `state_dir` into a PNG at `out`; returns the number of points drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(state_dir) / HISTORY_FILE
+    if not path.is_file():
+        from streamdqn.errors import StreamDQNError
+
+        raise StreamDQNError(f"no training history at {path}: run `streamdqn train` or the daemon first")
+    points = read_history(state_dir)
+    t0 = points[0].time if points else 0.0
+    minutes = [(p.time - t0) / 60 for p in points]
+    panels = [
+        ("episode return", [p.episode_return for p in points]),
+        ("loss", [p.loss for p in points]),
+        ("epsilon", [p.epsilon for p in points]),
+        ("snapshot version", [p.snapshot_version for p in points]),
+    ]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 10), sharex=True)
+    for ax, (title, values) in zip(axes, panels, strict=True):
+        ax.plot(minutes, values, marker="." if len(points) < 50 else None)
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"streamdqn training — {state_dir}")
+    axes[-1].set_xlabel("minutes")
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return len(points)
