@@ -65,7 +65,8 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     configure_logging(json_format=settings.log.json_format, level=settings.log.level)
-    return asyncio.run(Daemon(settings).serve())
+    daemon = Daemon(settings)
+    return asyncio.run(daemon.serve())
 
 
 def _demo(args: argparse.Namespace) -> int:

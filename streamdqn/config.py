@@ -7,6 +7,7 @@ own section as plain values.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -72,6 +73,8 @@ class PublishSettings(Section):
     """Do not publish before the learner has made this many updates."""
     gate: bool = True
     """Publish a candidate only if it passes the publish gate on held-out recent episodes."""
+    gate_holdout_fraction: Annotated[float, Field(ge=0, le=0.5)] = 0.1
+    """Share of episodes (by a stable hash of their key) never learned from and kept for the gate."""
     gate_episodes: Annotated[int, Field(ge=1)] = 500
     gate_min_episodes: Annotated[int, Field(ge=1)] = 50
     gate_return_tolerance: Annotated[float, Field(ge=0)] = 0.05
@@ -112,7 +115,7 @@ class LearnerConfig(Section):
     """auto (CUDA when present), cpu, cuda or cuda:N."""
     mode: Literal["thread", "process"] = "process"
     """Where updates run: a thread shares the GIL with ingest; a process does not (see the README)."""
-    updates_per_transition: Annotated[float, Field(ge=0)] = 1.0
+    updates_per_transition: Annotated[float, Field(ge=0)] = 0.25
     """Replay ratio: updates per new transition; 0 means as fast as possible."""
     max_lag_ratio: Annotated[float, Field(gt=1)] = 4.0
     """Pause ingest when transitions outrun the ratio by this factor (backpressure)."""
@@ -174,6 +177,20 @@ def load_settings(path: Path | None = None, **overrides: object) -> Settings:
     """Settings from `path` (TOML) overridden by STREAMDQN_* variables; ConfigError names a bad key."""
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"config file {path} does not exist")
+    # pydantic-settings only looks up the variables of known sections, so a misspelt section
+    # (STREAMDQN_LERNER__LR) would be silently ignored. Variables without `__` (STREAMDQN_TANSU) are not ours.
+    misspelt = sorted(
+        name
+        for name in os.environ
+        if name.upper().startswith("STREAMDQN_")
+        and "__" in name
+        and name[len("STREAMDQN_") :].split("__")[0].lower() not in Settings.model_fields
+    )
+    if misspelt:
+        raise ConfigError(
+            f"unknown configuration section in environment variable(s) {', '.join(misspelt)}; "
+            f"known sections: {', '.join(Settings.model_fields)}"
+        )
 
     class _Settings(Settings):
         @classmethod
@@ -200,5 +217,6 @@ def load_settings(path: Path | None = None, **overrides: object) -> Settings:
             problems.append(f"{key} (env {env}): {error['msg']}")
         where = f" in {path}" if path else ""
         raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(problems)) from None
-    except ValueError as exc:  # e.g. a TOML syntax error
-        raise ConfigError(f"cannot read configuration {path}: {exc}") from None
+    except ValueError as exc:  # a TOML syntax error, or a STREAMDQN_* value that is not valid JSON
+        source = f"{path} or the STREAMDQN_* environment" if path else "the STREAMDQN_* environment"
+        raise ConfigError(f"cannot read configuration from {source}: {exc}") from None

@@ -29,6 +29,7 @@ from streamdqn import __version__
 from streamdqn.background import LearnerRunner, ProcessRunner, RunnerOptions, ThreadRunner
 from streamdqn.checkpoints import CheckpointStore
 from streamdqn.config import Settings
+from streamdqn.evaluate import OnnxPolicy, PublishGate, evaluate_rows
 from streamdqn.features import FEATURE_DIM, FeatureSpec, RunningNormalizer
 from streamdqn.ingest import DeadLetter, KafkaOptions, KafkaSource, RecordSource, ensure_topics
 from streamdqn.learner import ActingPolicy, DQNLearner, LearnerSettings, resolve_device
@@ -39,6 +40,7 @@ from streamdqn.replay import ReplayBuffer
 from streamdqn.report import HistoryPoint, append_history
 from streamdqn.sdnotify import SystemdNotifier
 from streamdqn.server import build_app, start_http, stop_http
+from streamdqn.signing import load_signer
 from streamdqn.snapshots import SnapshotStore, publish_snapshot
 from streamdqn.telemetry import ACTION_NAMES, Action
 from streamdqn.transitions import EpisodeTracker, RewardTable, TransitionBatch
@@ -105,6 +107,11 @@ class Daemon:
         self.device = resolve_device(s.learner.device)
         self.process_mode = s.learner.mode == "process" and self.device.type == "cpu"
         self.rewards = RewardTable()
+        # Loaded now so that a missing or unreadable key stops the start with a clear error.
+        self.signer = load_signer(s.publish.signing, s.publish.signing_key_file)
+        self.gate = PublishGate(s.publish.gate_min_episodes, s.publish.gate_return_tolerance,
+                                s.publish.gate_max_false_positive_rate, s.publish.gate_max_missed_rate)
+        self.rejected = SnapshotStore(self.state_dir / "rejected", keep=s.publish.keep)
         self.offsets: dict[int, int] = {}
         self._external_source = source
         self.source: RecordSource | None = source
@@ -130,7 +137,9 @@ class Daemon:
         learner = DQNLearner(self.learner_settings, FEATURE_DIM, len(Action), clip=s.episodes.feature_clip)
         policy = ActingPolicy(self.learner_settings, FEATURE_DIM, len(Action), clip=s.episodes.feature_clip)
         tracker = EpisodeTracker(self.rewards, idle_timeout=s.episodes.idle_timeout_seconds,
-                                 reward_clip=s.episodes.reward_clip)
+                                 reward_clip=s.episodes.reward_clip,
+                                 holdout_fraction=s.publish.gate_holdout_fraction if s.publish.gate else 0.0,
+                                 holdout_keep=s.publish.gate_episodes)
         limiter = None
         if s.ingest.rate_limit_events_per_second > 0:
             limiter = RateLimiter(s.ingest.rate_limit_events_per_second, s.ingest.rate_limit_burst)
@@ -480,11 +489,17 @@ class Daemon:
             "device": str(self.device),
             "evaluation": {},
         }
+        held_out = list(self.pipeline.tracker.holdout) if self.settings.publish.gate else []
         try:
-            snapshot = await asyncio.to_thread(self._export, weights, info)
+            snapshot, passed = await asyncio.to_thread(self._export, weights, info, held_out)
         except Exception as exc:
             self.health.snapshot_failures += 1
             log_event("snapshot failed", error=repr(exc)[:500])
+            return False
+        if not passed:
+            self.health.snapshot_rejected += 1
+            log_event("snapshot rejected", candidate=str(snapshot.path), reason=snapshot.manifest["evaluation"]["gate"],
+                      updates=stats.updates, final=final)
             return False
         seconds = time.perf_counter() - started
         self.metrics.snapshot_export_seconds.observe(seconds)
@@ -495,11 +510,36 @@ class Daemon:
         await self._announce(snapshot.version, snapshot.manifest["sha256"])
         return True
 
-    def _export(self, weights: dict[str, torch.Tensor], info: dict[str, Any]) -> Any:
+    def _export(self, weights: dict[str, torch.Tensor], info: dict[str, Any], held_out: list[Any]) -> tuple[Any, bool]:
+        """Gate, export, check and publish (in a worker thread). Returns (snapshot, passed the gate)."""
         q = QNetwork(FEATURE_DIM, len(Action), self.learner_settings.hidden)
         q.load_state_dict(weights)
+        q.eval()
+        passed, info["evaluation"] = self._gate_candidate(q, held_out)
         probe = np.random.default_rng(0).normal(size=(64, FEATURE_DIM)).astype(np.float32) * 3
-        return publish_snapshot(self.snapshots, q, probe, info)
+        store = self.snapshots if passed else self.rejected
+        return publish_snapshot(store, q, probe, info, signer=self.signer), passed
+
+    def _gate_candidate(self, q: QNetwork, held_out: list[Any]) -> tuple[bool, dict[str, Any]]:
+        if not self.settings.publish.gate:
+            return True, {"gate": "off"}
+        if len(held_out) < self.gate.min_episodes:
+            return True, {"gate": f"skipped: {len(held_out)} held-out episodes < {self.gate.min_episodes}"}
+
+        def candidate(x: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return q(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).argmax(1).numpy()
+
+        metrics = evaluate_rows(candidate, held_out, self.rewards)
+        current = None
+        latest = self.snapshots.latest_version()
+        if latest is not None:
+            current = evaluate_rows(OnnxPolicy(self.snapshots.path_of(latest) / "model.onnx"), held_out,
+                                    self.rewards)
+        passed, why = self.gate.check(metrics, current)
+        evaluation = {"gate": why, "held_out_episodes": len(held_out), "candidate": metrics.as_dict(),
+                      "latest": current.as_dict() if current else None}
+        return passed, evaluation
 
     async def _announce(self, version: int, sha256: str) -> None:
         if self.source is None or not self.settings.kafka.snapshot_topic:

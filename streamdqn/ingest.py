@@ -20,6 +20,10 @@ from aiokafka.helpers import create_ssl_context
 
 log = logging.getLogger(__name__)
 
+# Brokers refuse records above message.max.bytes (1 MB by default): a larger bad record is dead-lettered
+# truncated, with its full size in a header; the original stays in the source topic at the offset named.
+DLQ_MAX_VALUE_BYTES = 512 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -246,7 +250,11 @@ class KafkaSource:
                 ("streamdqn-source-partition", str(r.partition).encode()),
                 ("streamdqn-source-offset", str(r.offset).encode()),
             ]
-            futures.append(await self._producer.send(self.options.dlq_topic, r.value, key=r.key, headers=headers))
+            value = r.value
+            if len(value) > DLQ_MAX_VALUE_BYTES:
+                headers.append(("streamdqn-truncated-from", str(len(value)).encode()))
+                value = value[:DLQ_MAX_VALUE_BYTES]
+            futures.append(await self._producer.send(self.options.dlq_topic, value, key=r.key, headers=headers))
         await asyncio.gather(*futures)
 
     async def announce(self, payload: bytes) -> None:

@@ -12,7 +12,8 @@ Flow for a batch of validated events:
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import zlib
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -111,6 +112,19 @@ class _Episode:
     pending: _Pending | None = None
     episode_return: float = 0.0
     malicious: bool = False
+    severity: float = 0.0
+    holdout: bool = False
+    rows: list[np.ndarray] = field(default_factory=list)  # feature rows, kept for held-out episodes only
+    complete: bool = True  # False for a held-out episode restored from a checkpoint without its rows
+
+
+@dataclass(frozen=True)
+class HeldOutEpisode:
+    """A finished episode that was not learned from: evaluation data for the publish gate."""
+
+    features: np.ndarray  # float32 [T, FEATURE_DIM]
+    malicious: bool
+    severity: float
 
 
 @dataclass(frozen=True)
@@ -195,9 +209,14 @@ class EpisodeTracker:
         reward_clip: float = 10.0,
         remember_closed: int = 100_000,
         counterfactual_responses: bool = True,
+        holdout_fraction: float = 0.0,
+        holdout_keep: int = 500,
     ) -> None:
         self.rewards = rewards or RewardTable()
         self.counterfactual_responses = counterfactual_responses
+        self.holdout_fraction = holdout_fraction
+        # The most recent held-out episodes, never pushed to replay (see `_is_holdout`).
+        self.holdout: deque[HeldOutEpisode] = deque(maxlen=holdout_keep)
         self.idle_timeout = idle_timeout
         self.reward_clip = reward_clip
         self._open: dict[tuple[str, str], _Episode] = {}
@@ -238,7 +257,8 @@ class EpisodeTracker:
                 elif previous is not None and previous in self._open:
                     self._close(self._open[previous], closing)
                 partition = partitions[i] if partitions is not None else -1
-                episode = self._open[key] = _Episode(key=key, partition=partition)
+                episode = self._open[key] = _Episode(key=key, partition=partition,
+                                                     holdout=self._is_holdout(key))
                 self._current[event.sandbox_id] = key
             if event.step <= episode.last_step:
                 reason = REASON_DUPLICATE if event.step == episode.last_step else REASON_OUT_OF_ORDER
@@ -249,6 +269,7 @@ class EpisodeTracker:
             episode.last_step = event.step
             episode.last_seen = now
             episode.malicious = event.is_malicious
+            episode.severity = max(episode.severity, event.severity)
             if key not in slot:
                 slot[key] = len(episodes)
                 episodes.append(episode)
@@ -289,6 +310,11 @@ class EpisodeTracker:
         rewards = np.where(has_override, np.clip(overrides, -self.reward_clip, self.reward_clip), rewards)
 
         responded_before = np.array([ep.responded for ep in observed.episodes])[group]
+        held_out = np.array([ep.holdout for ep in observed.episodes])[group]
+        for g in np.flatnonzero([ep.holdout for ep in observed.episodes]):
+            observed.episodes[g].rows.append(feats[group == g])
+        # Held-out episodes are recorded for evaluation and never learned from.
+        responded_before |= held_out
         responds = actions != Action.IGNORE
         # A response ends the episode: rows after the first one in the same episode yield nothing.
         prior = np.cumsum(responds) - responds
@@ -369,6 +395,10 @@ class EpisodeTracker:
             self._forget(episode)
         return len(doomed)
 
+    def _is_holdout(self, key: tuple[str, str]) -> bool:
+        # A stable hash: the same episode is held out before and after a restart.
+        return zlib.crc32(f"{key[0]}\0{key[1]}".encode()) % 10_000 < self.holdout_fraction * 10_000
+
     def _reward_of(self, p: _Pending, *, final: bool) -> float:
         if p.reward_override is not None:
             return float(np.clip(p.reward_override, -self.reward_clip, self.reward_clip))
@@ -384,8 +414,12 @@ class EpisodeTracker:
             out.add(p.state[None], np.array([p.action]), np.array([r]), p.state[None], np.array([True]))
             episode.episode_return += r
             episode.pending = None
-        out.returns.append(episode.episode_return)
-        out.malicious.append(episode.malicious)
+        if episode.holdout:
+            if episode.complete and episode.rows:
+                self.holdout.append(HeldOutEpisode(np.concatenate(episode.rows), episode.malicious, episode.severity))
+        else:
+            out.returns.append(episode.episode_return)
+            out.malicious.append(episode.malicious)
         self._forget(episode)
         self._closed[episode.key] = None
         while len(self._closed) > self._remember_closed:
@@ -407,17 +441,19 @@ class EpisodeTracker:
                 pending = [p.state.tolist(), p.action, p.malicious, p.severity, p.reward_override]
             episodes.append(
                 [list(e.key), e.partition, e.carry.tolist(), e.last_step, e.responded, e.final_seen,
-                 pending, e.episode_return, e.malicious]
+                 pending, e.episode_return, e.malicious, e.severity]
             )
         return {"episodes": episodes, "current": [[k, list(v)] for k, v in self._current.items()],
                 "closed": [list(k) for k in self._closed]}
 
     def load_state_dict(self, state: dict[str, object], now: float) -> None:
         self._open.clear()
-        for key, partition, carry, last_step, responded, final_seen, pending, ret, mal in state["episodes"]:  # type: ignore[attr-defined]
-            e = _Episode(key=(key[0], key[1]), partition=partition, carry=np.asarray(carry, dtype=np.float64),
+        for key, partition, carry, last_step, responded, final_seen, pending, ret, mal, sev in state["episodes"]:  # type: ignore[attr-defined]
+            k = (key[0], key[1])
+            holdout = self._is_holdout(k)
+            e = _Episode(key=k, partition=partition, carry=np.asarray(carry, dtype=np.float64),
                          last_step=last_step, last_seen=now, responded=responded, final_seen=final_seen,
-                         episode_return=ret, malicious=mal)
+                         episode_return=ret, malicious=mal, severity=sev, holdout=holdout, complete=not holdout)
             if pending is not None:
                 e.pending = _Pending(np.asarray(pending[0], dtype=np.float32), pending[1], pending[2],
                                      pending[3], pending[4])
