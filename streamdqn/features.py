@@ -10,6 +10,7 @@ Running context crosses batch boundaries through a per-episode `carry` vector (C
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,8 @@ _C_EVER = slice(_N_COUNTS, _N_COUNTS + _N_FLAGS)
 _C_FLAGGED = _N_COUNTS + _N_FLAGS
 _C_MAXCPU, _C_SUMCPU, _C_MAXMEM, _C_SEEN, _C_PREVSYS, _C_PREVMEM = range(_C_FLAGGED + 1, _C_FLAGGED + 7)
 CARRY_DIM = _C_PREVMEM + 1
+_SUM_CARRY = [*range(_C_CUM.start, _C_CUM.stop), _C_FLAGGED, _C_SEEN, _C_SUMCPU]
+_MAX_CARRY = [*range(_C_EVER.start, _C_EVER.stop), _C_MAXCPU, _C_MAXMEM]
 
 
 @dataclass(frozen=True)
@@ -74,18 +77,30 @@ def _group_starts(group: np.ndarray) -> np.ndarray:
     return np.flatnonzero(starts)
 
 
-def _grouped_cumsum(x: np.ndarray, group: np.ndarray, starts: np.ndarray, init: np.ndarray) -> np.ndarray:
-    cs = np.cumsum(x, axis=0)
-    before = cs[starts] - x[starts]  # cumulative sum just before each group begins
-    return cs - before[group] + init[group]
+def _grouped_accumulate(
+    op: np.ufunc, x: np.ndarray, group: np.ndarray, starts: np.ndarray, init: np.ndarray
+) -> np.ndarray:
+    """Running `op` (np.add or np.maximum) of x within each group, starting from the group's carry.
 
-
-def _grouped_cummax(x: np.ndarray, group: np.ndarray, bound: float, init: np.ndarray) -> np.ndarray:
-    # Values lie in [0, bound); lifting each group by group*bound makes one running max per group.
-    lift = group.astype(np.float64) * bound
-    if x.ndim == 2:
-        lift = lift[:, None]
-    return np.maximum(np.maximum.accumulate(x + lift, axis=0) - lift, init[group])
+    Evaluated left to right per group (init op x1 op x2 ...), so an episode's values depend only on its
+    own rows and carry: bit-identical whatever else shares the batch and wherever the batch was cut.
+    (A global cumsum minus each group's offset was not: next to an episode with huge byte counts, a
+    small episode's cumulative counts cancelled to 0.) Episodes longer than sqrt(N) get one accumulate
+    each; the others advance together one position at a time: at most 2*sqrt(N) numpy calls.
+    """
+    ends = np.append(starts[1:], len(x))
+    lengths = ends - starts
+    out = np.empty_like(x)
+    long = lengths > max(1, math.isqrt(len(x)))
+    for s, e in zip(starts[long], ends[long], strict=True):
+        out[s:e] = op.accumulate(np.concatenate([init[group[s]][None], x[s:e]]), axis=0)[1:]
+    short_starts, short_lengths = starts[~long], lengths[~long]
+    if len(short_starts):
+        out[short_starts] = op(init[group[short_starts]], x[short_starts])
+        for k in range(1, int(short_lengths.max())):
+            rows = short_starts[short_lengths > k] + k
+            out[rows] = op(out[rows - 1], x[rows])
+    return out
 
 
 def featurize(
@@ -111,14 +126,13 @@ def featurize(
     log_mem = np.log1p(raw[:, _MEM])
     flags = raw[:, _FLAGS]
 
-    cum = _grouped_cumsum(counts, group, starts, carry[:, _C_CUM])
-    ever = _grouped_cummax(flags, group, 2.0, carry[:, _C_EVER])
-    any_flag = flags.max(axis=1)
-    flagged = _grouped_cumsum(any_flag, group, starts, carry[:, _C_FLAGGED])
-    seen = _grouped_cumsum(np.ones(n), group, starts, carry[:, _C_SEEN])
-    max_cpu = _grouped_cummax(cpu, group, 2.0, carry[:, _C_MAXCPU])
-    sum_cpu = _grouped_cumsum(cpu, group, starts, carry[:, _C_SUMCPU])
-    max_mem = _grouped_cummax(log_mem, group, 64.0, carry[:, _C_MAXMEM])
+    # Running sums [counts, any flag, 1, cpu] and maxima [flags, cpu, log memory], each in one pass.
+    summed = np.column_stack([counts, flags.max(axis=1), np.ones(n), cpu])
+    sums = _grouped_accumulate(np.add, summed, group, starts, carry[:, _SUM_CARRY])
+    maxed = np.column_stack([flags, cpu, log_mem])
+    maxima = _grouped_accumulate(np.maximum, maxed, group, starts, carry[:, _MAX_CARRY])
+    cum, flagged, seen, sum_cpu = sums[:, :_N_COUNTS], sums[:, -3], sums[:, -2], sums[:, -1]
+    ever, max_cpu, max_mem = maxima[:, :_N_FLAGS], maxima[:, -2], maxima[:, -1]
 
     prev_sys = np.empty(n)
     prev_sys[1:] = log_counts[:-1, 0]

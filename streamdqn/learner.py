@@ -33,6 +33,9 @@ class LearnerSettings:
     epsilon_start: float = 1.0
     epsilon_end: float = 0.1
     epsilon_decay_steps: int = 10_000
+    # Probability that an exploratory action is `ignore` (None: uniform over all actions). Any response
+    # ends an episode, so uniform exploration rarely sees late steps; a larger value explores deeper.
+    explore_ignore_probability: float | None = None
     device: str = "auto"
     seed: int | None = None
 
@@ -64,6 +67,18 @@ def epsilon_at(step: int, s: LearnerSettings) -> float:
         return s.epsilon_end
     frac = min(1.0, step / s.epsilon_decay_steps)
     return s.epsilon_start + frac * (s.epsilon_end - s.epsilon_start)
+
+
+def epsilon_greedy(rng: np.random.Generator, greedy: np.ndarray, epsilon: float, settings: LearnerSettings,
+                   n_actions: int) -> np.ndarray:
+    """Epsilon-greedy over `greedy` actions (see LearnerSettings.explore_ignore_probability)."""
+    n = len(greedy)
+    p_ignore = settings.explore_ignore_probability
+    if p_ignore is None:
+        random = rng.integers(0, n_actions, size=n)
+    else:
+        random = np.where(rng.random(n) < p_ignore, 0, rng.integers(1, n_actions, size=n))
+    return np.where(rng.random(n) < epsilon, random, greedy).astype(np.int64)
 
 
 def td_loss(
@@ -156,9 +171,7 @@ class DQNLearner:
         greedy = self.q_values(features).argmax(axis=1)
         if not explore:
             return greedy.astype(np.int64)
-        eps = self.epsilon
-        random = self._rng.integers(0, self.online.n_actions, size=n)
-        return np.where(self._rng.random(n) < eps, random, greedy).astype(np.int64)
+        return epsilon_greedy(self._rng, greedy, self.epsilon, self.settings, self.online.n_actions)
 
     def state_dict(self) -> dict[str, object]:
         return {
@@ -214,5 +227,4 @@ class ActingPolicy:
         if n == 0:
             return np.zeros(0, dtype=np.int64)
         greedy = self.network(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).argmax(1).numpy()
-        random = self._rng.integers(0, self.network.n_actions, size=n)
-        return np.where(self._rng.random(n) < self.epsilon, random, greedy).astype(np.int64)
+        return epsilon_greedy(self._rng, greedy, self.epsilon, self.settings, self.network.n_actions)

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -100,6 +100,22 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
+class Signer(Protocol):
+    """Signs a manifest's canonical JSON (see streamdqn.signing)."""
+
+    algorithm: str
+
+    def sign(self, data: bytes) -> str: ...
+
+
+def signed_payload(manifest: dict[str, Any]) -> bytes:
+    """The bytes a manifest signature covers: its canonical JSON without the signature itself.
+
+    The manifest holds the model's sha256, so the signature covers the model too.
+    """
+    return canonical_json({k: v for k, v in manifest.items() if k != "signature"})
+
+
 @dataclass(frozen=True)
 class Snapshot:
     version: int
@@ -148,7 +164,9 @@ class SnapshotStore:
             raise SnapshotError(f"snapshot {v} under {self.root} is unreadable: {exc}") from exc
         return Snapshot(v, path, manifest)
 
-    def publish(self, model: bytes, manifest: dict[str, Any], *, make_latest: bool = True) -> Snapshot:
+    def publish(
+        self, model: bytes, manifest: dict[str, Any], *, make_latest: bool = True, signer: Signer | None = None
+    ) -> Snapshot:
         """Write a new version (manifest gets version, sha256, created_at) and point `latest` at it."""
         existing = self.versions()
         version = max([*existing, self.latest_version() or 0]) + 1
@@ -159,6 +177,8 @@ class SnapshotStore:
             "sha256": sha256_hex(model),
             "model_file": MODEL_FILE,
         }
+        if signer is not None:
+            full["signature"] = {"algorithm": signer.algorithm, "value": signer.sign(signed_payload(full))}
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=self.root))
         try:
             atomic_write_bytes(tmp / MODEL_FILE, model)
@@ -191,7 +211,13 @@ class SnapshotStore:
 
 
 def publish_snapshot(
-    store: SnapshotStore, q: QNetwork, probe: np.ndarray, info: dict[str, Any], *, make_latest: bool = True
+    store: SnapshotStore,
+    q: QNetwork,
+    probe: np.ndarray,
+    info: dict[str, Any],
+    *,
+    make_latest: bool = True,
+    signer: Signer | None = None,
 ) -> Snapshot:
     """Export, check and publish `q`; `info` (counters, spec, evaluation…) goes into the manifest."""
     model = export_onnx(q)
@@ -203,4 +229,4 @@ def publish_snapshot(
         "parity_max_abs_diff": diff,
         "packages": package_versions(),
     }
-    return store.publish(model, manifest, make_latest=make_latest)
+    return store.publish(model, manifest, make_latest=make_latest, signer=signer)

@@ -1,0 +1,82 @@
+"""Telemetry events for the unit and property tests: a valid wire dict, a TelemetryEvent, and strategies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import strategies as st
+
+from streamdqn.telemetry import COUNT_FIELDS, FLAG_FIELDS, TelemetryEvent
+
+MAX_COUNT = 2**53
+
+
+def event_dict(**overrides: Any) -> dict[str, Any]:
+    """A valid event as a sandbox sends it (JSON-able); keyword arguments replace or add fields."""
+    event: dict[str, Any] = {
+        "episode_id": 1,
+        "step": 0,
+        "is_malicious": True,
+        "severity": 0.5,
+        "syscall_count": 120,
+        "file_read_count": 4,
+        "file_write_count": 2,
+        "network_connections": 1,
+        "bytes_sent": 512,
+        "bytes_received": 2048,
+        "child_processes": 0,
+        "cpu_usage": 12.5,
+        "memory_usage": 64.0,
+        "registry_modification": False,
+        "privilege_escalation_attempt": False,
+        "code_injection_detected": False,
+    }
+    event.update(overrides)
+    return event
+
+
+def make_event(**overrides: Any) -> TelemetryEvent:
+    return TelemetryEvent.model_validate(event_dict(**overrides))
+
+
+def without(event: dict[str, Any], name: str) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k != name}
+
+
+# --- hypothesis strategies ------------------------------------------------------------------------
+
+counts = st.one_of(st.integers(0, 1_000), st.integers(0, MAX_COUNT))
+cpu = st.floats(0.0, 100.0, allow_nan=False)
+memory = st.floats(0.0, 1e9, allow_nan=False)
+severity = st.floats(0.0, 1.0, allow_nan=False)
+
+
+@st.composite
+def activity(draw: st.DrawFn) -> dict[str, Any]:
+    """The numeric and flag fields of one valid event (what features see), extremes included."""
+    out: dict[str, Any] = {name: draw(counts) for name in COUNT_FIELDS}
+    out["cpu_usage"] = draw(cpu)
+    out["memory_usage"] = draw(memory)
+    out.update({name: draw(st.booleans()) for name in FLAG_FIELDS})
+    return out
+
+
+@st.composite
+def valid_event_dicts(draw: st.DrawFn) -> dict[str, Any]:
+    """Any valid event as a wire dict, optional fields sometimes present."""
+    event = event_dict(
+        episode_id=draw(st.one_of(st.integers(0, 2**63), st.text(min_size=1, max_size=8))),
+        step=draw(st.integers(0, 10**9)),
+        is_malicious=draw(st.booleans()),
+        severity=draw(severity),
+        **draw(activity()),
+    )
+    if draw(st.booleans()):
+        event["sandbox_id"] = draw(st.text(min_size=1, max_size=8))
+    if draw(st.booleans()):
+        event["final"] = draw(st.booleans())
+    if draw(st.booleans()):
+        event["action"] = draw(
+            st.one_of(st.integers(0, 4), st.sampled_from(["ignore", "Quarantine", "REVIEW"]))
+        )
+    return event

@@ -1,0 +1,240 @@
+"""The learner: td_loss by hand, real updates on a tiny MDP, target updates, epsilon, state, devices."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from streamdqn.learner import ActingPolicy, DQNLearner, LearnerSettings, epsilon_at, resolve_device, td_loss
+from streamdqn.model import QNetwork
+from streamdqn.replay import ReplayBuffer, ReplaySamples
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    # Tiny networks on a shared 2-core box: a second intra-op thread only adds contention (15x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def linear_q(weight: list[list[float]], bias: list[float]) -> QNetwork:
+    """A QNetwork with no hidden layer: Q(s) = W s + b, with identity normalization."""
+    q = QNetwork(2, 2, hidden=())
+    with torch.no_grad():
+        q.mlp[0].weight.copy_(torch.tensor(weight))
+        q.mlp[0].bias.copy_(torch.tensor(bias))
+    return q
+
+
+def samples(
+    states: list[list[float]],
+    actions: list[int],
+    rewards: list[float],
+    next_states: list[list[float]],
+    dones: list[bool],
+) -> ReplaySamples:
+    return ReplaySamples(
+        torch.tensor(states),
+        torch.tensor(actions),
+        torch.tensor(rewards),
+        torch.tensor(next_states),
+        torch.tensor(dones),
+    )
+
+
+def huber(d: np.ndarray) -> float:
+    return float(np.mean(np.where(np.abs(d) < 1, 0.5 * d**2, np.abs(d) - 0.5)))
+
+
+@pytest.mark.parametrize("double_dqn", [True, False])
+def test_td_loss_against_a_hand_computation(double_dqn: bool) -> None:
+    w_online, b_online = np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([0.0, 0.5])
+    w_target, b_target = np.array([[3.0, 0.0], [0.0, 1.0]]), np.array([0.0, 0.0])
+    online, target = (
+        linear_q(w_online.tolist(), b_online.tolist()),
+        linear_q(w_target.tolist(), b_target.tolist()),
+    )
+    s = np.array([[1.0, 1.0], [0.5, 0.0], [0.0, 1.0]])
+    a = np.array([1, 0, 0])
+    r = np.array([0.5, -1.0, 2.0])
+    s2 = np.array([[1.0, 1.0], [2.0, 0.0], [0.0, 3.0]])
+    done = np.array([False, False, True])
+    gamma = 0.9
+    batch = samples(s.tolist(), a.tolist(), r.tolist(), s2.tolist(), done.tolist())
+
+    q_online_s = s @ w_online.T + b_online
+    q = q_online_s[np.arange(3), a]
+    q_target_next = s2 @ w_target.T + b_target
+    if double_dqn:  # the online network picks, the target network values
+        pick = (s2 @ w_online.T + b_online).argmax(axis=1)
+        next_q = q_target_next[np.arange(3), pick]
+    else:
+        next_q = q_target_next.max(axis=1)
+    y = r + gamma * (~done) * next_q
+    # Row 0: online picks action 1 (2.5 > 1), target values it 1; plain DQN takes the target's max 3.
+    assert next_q[0] == (1.0 if double_dqn else 3.0)
+
+    loss, td_abs, q_max = td_loss(online, target, batch, gamma, double_dqn)
+    assert loss.item() == pytest.approx(huber(q - y), rel=1e-6)
+    np.testing.assert_allclose(td_abs.numpy(), np.abs(q - y), rtol=1e-6)
+    np.testing.assert_allclose(q_max.numpy(), q_online_s.max(axis=1), rtol=1e-6)
+    assert not td_abs.requires_grad and loss.requires_grad
+    # The done row's target is its reward alone: whatever its next state's value is.
+    assert abs(td_abs[2].item()) == pytest.approx(abs(q[2] - 2.0))
+
+
+def test_td_loss_gradient_flows_only_into_the_online_network() -> None:
+    online, target = linear_q([[1.0, 0.0], [0.0, 1.0]], [0, 0]), linear_q([[1.0, 1.0], [1.0, 1.0]], [0, 0])
+    loss, _, _ = td_loss(online, target, samples([[1.0, 0.0]], [0], [1.0], [[0.0, 1.0]], [False]), 0.99, True)
+    loss.backward()
+    assert online.mlp[0].weight.grad is not None
+    assert target.mlp[0].weight.grad is None
+
+
+# --- real updates ----------------------------------------------------------------------------------
+
+S0, S1 = [1.0, 0.0], [0.0, 1.0]
+
+
+def two_state_mdp(buffer: ReplayBuffer) -> None:
+    """s0: a0 -> s1 (r 0), a1 -> end (r 1).  s1: a0 -> end (r 2), a1 -> end (r -1).  Q*(s0) = [2 gamma, 1]."""
+    for _ in range(16):
+        buffer.push(
+            np.array([S0, S0, S1, S1], dtype=np.float32),
+            np.array([0, 1, 0, 1]),
+            np.array([0.0, 1.0, 2.0, -1.0]),
+            np.array([S1, S0, S1, S1], dtype=np.float32),
+            np.array([False, True, True, True]),
+        )
+
+
+def test_a_few_hundred_updates_learn_the_right_q_ordering() -> None:
+    settings = LearnerSettings(
+        hidden=(16,), lr=1e-2, gamma=0.9, batch_size=32, target_update_interval=20, device="cpu", seed=0
+    )
+    learner = DQNLearner(settings, obs_dim=2, n_actions=2)
+    buffer = ReplayBuffer(256, 2, "cpu", seed=0)
+    two_state_mdp(buffer)
+    losses = [learner.update(buffer.sample(settings.batch_size)).loss for _ in range(200)]
+    q = learner.q_values(np.array([S0, S1], dtype=np.float32))
+    assert q[0, 0] > q[0, 1] and q[1, 0] > q[1, 1]
+    np.testing.assert_allclose(q, [[1.8, 1.0], [2.0, -1.0]], atol=0.05)
+    assert np.mean(losses[-20:]) < 0.1 * np.mean(losses[:20])
+    assert learner.counters.updates == 200
+    assert learner.act(np.array([S0, S1], dtype=np.float32), explore=False).tolist() == [0, 0]
+
+
+def params(q: QNetwork) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in q.parameters()]
+
+
+def test_hard_target_update_every_n_updates() -> None:
+    learner = DQNLearner(
+        LearnerSettings(hidden=(8,), lr=1e-2, target_update_interval=3, device="cpu", seed=1), 2, 2
+    )
+    buffer = ReplayBuffer(64, 2, "cpu", seed=1)
+    two_state_mdp(buffer)
+    initial = params(learner.target)
+    for _ in range(2):
+        learner.update(buffer.sample(16))
+        assert all(torch.equal(a, b) for a, b in zip(params(learner.target), initial, strict=True))
+    learner.update(buffer.sample(16))
+    assert all(torch.equal(a, b) for a, b in zip(params(learner.target), params(learner.online), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(params(learner.target), initial, strict=True))
+
+
+def test_polyak_target_update() -> None:
+    tau = 0.25
+    learner = DQNLearner(
+        LearnerSettings(hidden=(8,), lr=1e-2, tau=tau, target_update_interval=1, device="cpu", seed=2), 2, 2
+    )
+    buffer = ReplayBuffer(64, 2, "cpu", seed=2)
+    two_state_mdp(buffer)
+    for _ in range(3):
+        before = params(learner.target)
+        learner.update(buffer.sample(16))
+        for t, o, b in zip(params(learner.target), params(learner.online), before, strict=True):
+            torch.testing.assert_close(t, (1 - tau) * b + tau * o)
+
+
+def test_epsilon_schedule() -> None:
+    s = LearnerSettings(epsilon_start=1.0, epsilon_end=0.1, epsilon_decay_steps=100)
+    assert epsilon_at(0, s) == 1.0
+    assert epsilon_at(50, s) == pytest.approx(0.55)
+    assert epsilon_at(100, s) == pytest.approx(0.1)
+    assert epsilon_at(10_000, s) == pytest.approx(0.1)
+    assert epsilon_at(5, LearnerSettings(epsilon_end=0.05, epsilon_decay_steps=0)) == 0.05
+    learner = DQNLearner(LearnerSettings(hidden=(4,), epsilon_decay_steps=100, device="cpu", seed=0), 2, 2)
+    learner.counters.acting_steps = 50
+    assert learner.epsilon == pytest.approx(0.55)
+
+
+def test_exploration_follows_epsilon() -> None:
+    states = np.tile(np.array([S0], dtype=np.float32), (2000, 1))
+    greedy_only = DQNLearner(
+        LearnerSettings(hidden=(4,), epsilon_start=0.0, epsilon_end=0.0, device="cpu", seed=0), 2, 5
+    )
+    chosen = greedy_only.act(states)
+    assert len(set(chosen.tolist())) == 1
+    random_only = DQNLearner(
+        LearnerSettings(hidden=(4,), epsilon_start=1.0, epsilon_end=1.0, device="cpu", seed=0), 2, 5
+    )
+    counts = np.bincount(random_only.act(states), minlength=5)
+    assert counts.min() > 300  # uniform over the five actions
+    assert random_only.act(np.zeros((0, 2), np.float32)).shape == (0,)
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    settings = LearnerSettings(hidden=(8,), lr=1e-2, target_update_interval=5, device="cpu", seed=3)
+    original = DQNLearner(settings, 2, 2)
+    buffer = ReplayBuffer(64, 2, "cpu", seed=3)
+    two_state_mdp(buffer)
+    for _ in range(7):
+        original.update(buffer.sample(16))
+    original.counters.acting_steps = 123
+    restored = DQNLearner(
+        LearnerSettings(hidden=(8,), lr=1e-2, target_update_interval=5, device="cpu", seed=99), 2, 2
+    )
+    saved = io.BytesIO()
+    torch.save(original.state_dict(), saved)  # as a checkpoint holds it, read back with weights_only
+    saved.seek(0)
+    restored.load_state_dict(torch.load(saved, weights_only=True))
+    assert (restored.counters.updates, restored.counters.acting_steps) == (7, 123)
+    batch = buffer.sample(16)
+    a, b = original.update(batch), restored.update(batch)
+    assert a == b
+    for p, q in zip(params(original.online), params(restored.online), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for p, q in zip(params(original.target), params(restored.target), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_acting_policy_follows_loaded_weights_and_normalization() -> None:
+    settings = LearnerSettings(hidden=(8,), epsilon_start=0.0, epsilon_end=0.0, device="cpu", seed=4)
+    learner = DQNLearner(settings, 2, 3)
+    learner.set_normalization(np.array([0.5, -1.0]), np.array([2.0, 0.5]), 3.0)
+    policy = ActingPolicy(settings, 2, 3)
+    policy.load_weights(learner.online.state_dict(), version=7)
+    states = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
+    assert policy.weights_version == 7
+    np.testing.assert_array_equal(policy.act(states), learner.act(states, explore=False))
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("name", ["cuda", "cuda:1"])
+def test_cuda_without_cuda_is_a_clear_error(name: str) -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device(name)
+    with pytest.raises(ValueError, match=name):
+        DQNLearner(LearnerSettings(hidden=(4,), device=name), 2, 2)
