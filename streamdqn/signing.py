@@ -63,8 +63,8 @@ def canonical_json(value: Any) -> bytes:
 def signed_payload(manifest: dict[str, Any]) -> bytes:
     """The bytes a manifest signature covers: its canonical JSON without the signature itself.
 
-    Byte-for-byte the same as `streamdqn.snapshots.signed_payload` (a test holds them equal); kept
-    here so that `streamdqn pull` on a sandbox verifies without importing torch and onnx (~4 s).
+    It lives here, not in snapshots.py, so that `streamdqn pull` on a sandbox verifies without
+    importing torch and onnx (~4 s); snapshots.py signs with this same function.
     """
     return canonical_json({k: v for k, v in manifest.items() if k != "signature"})
 
