@@ -151,17 +151,19 @@ def test_http_stays_responsive_under_full_speed_ingest(topics, make_daemon) -> N
     produce(topics.bootstrap, topics.telemetry, encode_events(events))
     daemon = make_daemon(topics, learner={"hidden": [256, 256], "updates_per_transition": 0.0,
                                           "mode": "thread"}).start()
-    daemon.wait_for(lambda: daemon.metric("streamdqn_events_consumed_total") > 1000, 60, "ingest to start")
+    daemon.wait_for(lambda: daemon.metric("streamdqn_events_consumed_total") > 0, 60, "ingest to start")
+    # Ten seconds of polling while ingest and an unbounded learner thread compete for the GIL.
+    updates_before = daemon.metric("streamdqn_learner_updates_total")
     latencies = []
-    while daemon.metric("streamdqn_events_consumed_total") < len(events) and len(latencies) < 400:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
         started = time.perf_counter()
         with urllib.request.urlopen(daemon.url + "/healthz", timeout=10) as response:
             assert response.status == 200
         latencies.append(time.perf_counter() - started)
         time.sleep(0.02)
-    assert len(latencies) >= 10, "ingest finished before the latency could be sampled"
+    assert daemon.metric("streamdqn_learner_updates_total") > updates_before, "the learner was not running"
     p95 = statistics.quantiles(latencies, n=20)[-1]
     # Loose bounds on a shared 2-core machine: what matters is that the loop is never blocked for long.
     assert p95 < 0.5, f"/healthz p95 {p95:.3f}s under load"
     assert max(latencies) < 2.0, f"/healthz max {max(latencies):.3f}s under load"
-    assert daemon.metric("streamdqn_learner_updates_total") > 0
