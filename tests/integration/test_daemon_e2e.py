@@ -166,4 +166,4 @@ def test_http_stays_responsive_under_full_speed_ingest(topics, make_daemon) -> N
     p95 = statistics.quantiles(latencies, n=20)[-1]
     # Loose bounds on a shared 2-core machine: what matters is that the loop is never blocked for long.
     assert p95 < 0.5, f"/healthz p95 {p95:.3f}s under load"
-    assert max(latencies) < 2.0, f"/healthz max {max(latencies):.3f}s under load"
+    assert max(latencies) < 5.0, f"/healthz max {max(latencies):.3f}s under load"
