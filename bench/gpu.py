@@ -1,0 +1,311 @@
+"""GPU: the fast path on one CUDA device, in one short run (< 3 minutes); exits cleanly without CUDA.
+
+    updates     DQN updates/s at batch 64 and 256, all from a ReplayBuffer on the GPU:
+                  eager       DQNLearner.update(buffer.sample(b)) as the daemon runs it (its stats
+                              .tolist() waits for the GPU once per update)
+                  eager-async the same steps without reading stats back each update
+                  graphed     forward + backward + clip + Adam(capturable=True) captured once with
+                              torch.cuda.graphs and replayed; static inputs filled from replay samples
+    pushes      ReplayBuffer.push(512 transitions from numpy) to the GPU: streamdqn's pinned
+                staging + non_blocking copy, vs a plain pageable .to(device), vs one reused pinned
+                staging buffer
+    ingest      IngestPipeline.process on pre-built records (no broker) pushing into a GPU replay
+                buffer, with a ThreadRunner learner on the GPU: each alone and both at once
+
+    python bench/gpu.py [--smoke]
+The last line is one JSON object (with "skipped" when there is no CUDA). `--cpu-check` runs the
+non-graph parts on the CPU with tiny sizes, to check the script itself on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from _common import emit, header, ratio, table
+
+from streamdqn.features import FEATURE_DIM
+from streamdqn.learner import DQNLearner, LearnerSettings, td_loss
+from streamdqn.replay import ReplayBuffer, ReplaySamples
+from streamdqn.telemetry import Action
+
+N_ACTIONS = len(Action)
+BATCHES = (64, 256)
+PUSH = 512
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rate(fn: Callable[[], object], seconds: float, device: torch.device, per_call: int = 1) -> float:
+    """Calls per second including the device's work (synchronized before and after)."""
+    for _ in range(10):
+        fn()
+    synchronize(device)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for _ in range(20):
+            fn()
+        done += 20
+        synchronize(device)
+    return done * per_call / (time.perf_counter() - started)
+
+
+def filled_buffer(capacity: int, device: torch.device) -> ReplayBuffer:
+    rng = np.random.default_rng(0)
+    buffer = ReplayBuffer(capacity, FEATURE_DIM, device, seed=0)
+    buffer.push(
+        rng.normal(size=(capacity, FEATURE_DIM)).astype(np.float32),
+        rng.integers(0, N_ACTIONS, capacity),
+        rng.normal(size=capacity).astype(np.float32),
+        rng.normal(size=(capacity, FEATURE_DIM)).astype(np.float32),
+        rng.random(capacity) < 0.05,
+    )
+    return buffer
+
+
+class GraphedUpdate:
+    """One whole DQN update captured in a CUDA graph; replay() runs it on new static inputs."""
+
+    def __init__(self, learner: DQNLearner, batch: int, *, fused: bool) -> None:
+        s = learner.settings
+        self.learner = learner
+        device = learner.device
+        self.static = ReplaySamples(
+            torch.zeros(batch, FEATURE_DIM, device=device),
+            torch.zeros(batch, dtype=torch.int64, device=device),
+            torch.zeros(batch, device=device),
+            torch.zeros(batch, FEATURE_DIM, device=device),
+            torch.zeros(batch, dtype=torch.bool, device=device),
+        )
+        params = list(learner.online.parameters())
+        self.optimizer = torch.optim.Adam(
+            params, lr=s.lr, capturable=True, fused=fused or None, foreach=None if fused else True
+        )
+        self.kind = "fused" if fused else "foreach"
+
+        def step() -> tuple[torch.Tensor, ...]:
+            loss, td_abs, q_max = td_loss(learner.online, learner.target, self.static, s.gamma, s.double_dqn)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+            self.optimizer.step()
+            return loss.detach(), td_abs.mean(), q_max.mean()
+
+        # Warm up on a side stream (lazy state such as Adam's moments is created here), then capture.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.optimizer.zero_grad(set_to_none=True)
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self.stats = step()
+        self.updates = 0
+
+    def update(self, sample: ReplaySamples) -> None:
+        for dst, src in zip(self.static, sample, strict=True):
+            dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        self.updates += 1
+        if self.updates % self.learner.settings.target_update_interval == 0:
+            # In-place copy: the graph keeps reading the target network's same tensors.
+            self.learner.target.load_state_dict(self.learner.online.state_dict())
+
+
+def eager_async(learner: DQNLearner) -> Callable[[ReplaySamples], None]:
+    """DQNLearner.update's steps without the per-update stats read-back."""
+    s = learner.settings
+
+    def update(sample: ReplaySamples) -> None:
+        loss, _, _ = td_loss(learner.online, learner.target, sample, s.gamma, s.double_dqn)
+        learner.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(learner.online.parameters(), s.grad_clip)
+        learner.optimizer.step()
+        learner.counters.updates += 1
+        learner._sync_target()
+
+    return update
+
+
+def bench_updates(
+    device: torch.device, seconds: float, graphs: bool, capacity: int, errors: dict[str, str]
+) -> dict[str, dict[str, float]]:
+    buffer = filled_buffer(capacity, device)
+    out: dict[str, dict[str, float]] = {}
+    for batch in BATCHES:
+        settings = LearnerSettings(batch_size=batch, device=str(device), seed=0)
+        eager = DQNLearner(settings, FEATURE_DIM, N_ACTIONS)
+        no_sync = DQNLearner(settings, FEATURE_DIM, N_ACTIONS)
+        step_async = eager_async(no_sync)
+        r = {
+            "eager": rate(lambda: eager.update(buffer.sample(batch)), seconds, device),  # noqa: B023
+            "eager-async": rate(lambda: step_async(buffer.sample(batch)), seconds, device),  # noqa: B023
+        }
+        if graphs:
+            graphed = None
+            for fused in (True, False):  # fused capturable Adam first, the foreach one if that fails
+                try:
+                    graphed = GraphedUpdate(DQNLearner(settings, FEATURE_DIM, N_ACTIONS), batch, fused=fused)
+                    break
+                except Exception as exc:  # one short run on a lent GPU: report the failure, keep measuring
+                    key = f"{batch} {'fused' if fused else 'foreach'}"
+                    errors[key] = f"{type(exc).__name__}: {exc}"[:500]
+                    print(f"graph capture failed ({key}): {errors[key]}")
+            if graphed is not None:
+                print(f"batch {batch}: captured with {graphed.kind} capturable Adam")
+                r["graphed"] = rate(lambda: graphed.update(buffer.sample(batch)), seconds, device)  # noqa: B023
+                r["graphed (no sampling)"] = rate(graphed.graph.replay, seconds, device)
+        out[str(batch)] = r
+    return out
+
+
+def bench_pushes(device: torch.device, seconds: float, capacity: int) -> dict[str, float]:
+    rng = np.random.default_rng(1)
+    batch: tuple[np.ndarray, ...] = (
+        rng.normal(size=(PUSH, FEATURE_DIM)).astype(np.float32),
+        rng.integers(0, N_ACTIONS, PUSH),
+        rng.normal(size=PUSH).astype(np.float32),
+        rng.normal(size=(PUSH, FEATURE_DIM)).astype(np.float32),
+        rng.random(PUSH) < 0.05,
+    )
+    ours = ReplayBuffer(capacity, FEATURE_DIM, device, seed=0)
+    ring = ReplayBuffer(capacity, FEATURE_DIM, device, seed=0)  # its storage, written directly below
+    dtypes = (torch.float32, torch.int64, torch.float32, torch.float32, torch.bool)
+    pin = device.type == "cuda"
+    staging = [torch.empty(a.shape, dtype=d, pin_memory=pin) for a, d in zip(batch, dtypes, strict=True)]
+
+    def pageable() -> None:
+        ring.storage.write(
+            tuple(torch.as_tensor(a, dtype=d).to(device) for a, d in zip(batch, dtypes, strict=True))
+        )
+
+    def reused_pinned() -> None:
+        for dst, a in zip(staging, batch, strict=True):
+            dst.numpy()[...] = a
+        ring.storage.write(tuple(t.to(device, non_blocking=True) for t in staging))
+        # A reused staging buffer must not be overwritten before its copy ran; sync per push is the
+        # simple price here (a real one would double-buffer with events).
+        synchronize(device)
+
+    return {
+        "streamdqn push (pin_memory() + non_blocking)": rate(lambda: ours.push(*batch), seconds, device),
+        "pageable .to(device)": rate(pageable, seconds, device),
+        "reused pinned staging + sync": rate(reused_pinned, seconds, device),
+    }
+
+
+def bench_ingest(device: torch.device, seconds: float, n_records: int) -> dict[str, float]:
+    from _workload import BATCH_RECORDS, Ingest, build_records
+
+    from streamdqn.background import RunnerOptions, ThreadRunner
+
+    records = build_records(n_records)
+    settings = LearnerSettings(device=str(device), seed=0)
+    buffer = filled_buffer(20_000, device)
+    learner = DQNLearner(settings, FEATURE_DIM, N_ACTIONS)
+    runner = ThreadRunner(
+        learner, buffer, RunnerOptions(FEATURE_DIM, N_ACTIONS, min_size=1000, torch_threads=1)
+    )
+    ingest = Ingest(records, buffer, runner)
+    ingest.full_speed(min(1.0, seconds))
+    runner.note_inserted(0)
+    runner.start()
+    try:
+        out = {"ingest alone ev/s": ingest.full_speed(seconds)}
+        runner.note_inserted(1e15)
+        time.sleep(0.5)
+        before, started = runner.stats().updates, time.perf_counter()
+        time.sleep(seconds)
+        out["learner alone up/s"] = (runner.stats().updates - before) / (time.perf_counter() - started)
+        before, started = runner.stats().updates, time.perf_counter()
+        out["ingest with learner ev/s"] = ingest.full_speed(seconds)
+        out["learner with ingest up/s"] = (runner.stats().updates - before) / (time.perf_counter() - started)
+    finally:
+        runner.stop()
+    out["ingest ratio"] = ratio(out["ingest with learner ev/s"], out["ingest alone ev/s"])
+    out["learner ratio"] = ratio(out["learner with ingest up/s"], out["learner alone up/s"])
+    print(
+        f"(ingest: IngestPipeline.process on {len(records):,} pre-built msgpack records, batches of "
+        f"{BATCH_RECORDS}, no broker)"
+    )
+    return out
+
+
+def run(smoke: bool, cpu_check: bool) -> dict[str, Any]:
+    device = torch.device("cpu" if cpu_check else "cuda")
+    seconds = 0.3 if (smoke or cpu_check) else 2.0
+    capacity = 20_000 if (smoke or cpu_check) else 1_000_000
+    torch.set_num_threads(1)
+    name = "CPU (script check only)" if cpu_check else torch.cuda.get_device_name(device)
+    print(f"device: {name}")
+    errors: dict[str, str] = {}
+    updates = bench_updates(device, seconds, graphs=not cpu_check, capacity=capacity, errors=errors)
+    kinds = list(dict.fromkeys(k for r in updates.values() for k in r))
+    table(
+        ["", *(f"{k} up/s" for k in kinds), *(f"{k}/eager" for k in kinds[1:])],
+        [
+            [
+                f"batch {b}",
+                *(r.get(k, float("nan")) for k in kinds),
+                *(ratio(r.get(k, float("nan")), r["eager"]) for k in kinds[1:]),
+            ]
+            for b, r in updates.items()
+        ],
+        title="DQN updates/s on the device (replay on the device)",
+    )
+    pushes = bench_pushes(device, seconds, capacity)
+    table(
+        ["push of 512 transitions from numpy", "ops/s"],
+        list(pushes.items()),
+        title="replay pushes to the device",
+    )
+    ingest = bench_ingest(device, seconds if not smoke else 0.3, 4_000 if (smoke or cpu_check) else 40_000)
+    table(["ingest with the learner on the device", "value"], list(ingest.items()))
+    return {
+        "bench": "gpu",
+        "smoke": smoke,
+        "device": name,
+        "cpu_check": cpu_check,
+        "updates_per_s": updates,
+        "push_ops_per_s": pushes,
+        "ingest": ingest,
+        "graph_errors": errors,
+        "graphed_vs_eager": {
+            b: ratio(r.get("graphed", float("nan")), r["eager"]) for b, r in updates.items()
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="shorter measurements")
+    parser.add_argument(
+        "--cpu-check", action="store_true", help="run the non-graph parts on the CPU (script check)"
+    )
+    args = parser.parse_args(argv)
+    header("gpu", args.smoke, "eager vs CUDA-graphed updates, device pushes, ingest with a GPU learner")
+    if not args.cpu_check and not torch.cuda.is_available():
+        print(f"no CUDA: torch {torch.__version__} sees no CUDA device here; nothing to measure (exit 0)")
+        emit({"bench": "gpu", "smoke": args.smoke, "skipped": "no CUDA"})
+        return 0
+    started = time.perf_counter()
+    result = run(args.smoke, args.cpu_check)
+    result["wall_s"] = time.perf_counter() - started
+    print(f"wall time {result['wall_s']:.0f} s")
+    emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Replay: streamdqn's ReplayBuffer against TorchRL's ReplayBuffer + LazyTensorStorage, same shapes.
+
+Transitions of the ingest stage: state and next state float32[30], action int64, reward float32,
+done bool; capacity 1,000,000 (smoke: 10,000), both buffers filled to capacity first, so every push
+overwrites the oldest rows as in steady state. Operations, each from what its caller holds:
+
+    push(512)     streamdqn: ReplayBuffer.push(numpy arrays), as IngestPipeline hands them over
+                  torchrl:   TensorDict of torch.from_numpy views -> extend (and, as a second row,
+                             extend of a TensorDict built beforehand: TorchRL's best case)
+    sample(256)   the learner's batch at batch_size 256, and sample(64) at the default 64
+
+A plain preallocated torch ring (slice copies, randint + index_select) written here is the floor
+reference. When torchrl cannot be imported, the comparison falls back to that ring and says so.
+
+    python bench/replay.py [--smoke]
+Target: streamdqn >= 2x TorchRL on push and on sample. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from _common import Target, emit, header, ratio, report_targets, side_by_side, table
+
+from streamdqn.features import FEATURE_DIM
+from streamdqn.replay import ReplayBuffer
+
+PUSH = 512
+SAMPLES = (256, 64)
+TARGET = 2.0
+FIELDS = ("states", "actions", "rewards", "next_states", "dones")
+
+
+def transitions(n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "states": rng.normal(size=(n, FEATURE_DIM)).astype(np.float32),
+        "actions": rng.integers(0, 5, size=n),
+        "rewards": rng.normal(size=n).astype(np.float32),
+        "next_states": rng.normal(size=(n, FEATURE_DIM)).astype(np.float32),
+        "dones": rng.random(n) < 0.05,
+    }
+
+
+class PlainRing:
+    """The simplest correct thing: preallocated tensors, slice copies, randint + index_select."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.tensors = (
+            torch.zeros(capacity, FEATURE_DIM),
+            torch.zeros(capacity, dtype=torch.int64),
+            torch.zeros(capacity),
+            torch.zeros(capacity, FEATURE_DIM),
+            torch.zeros(capacity, dtype=torch.bool),
+        )
+        self.cursor = self.size = 0
+
+    def push(self, batch: dict[str, np.ndarray]) -> None:
+        n = len(batch["actions"])
+        first = min(n, self.capacity - self.cursor)
+        for dst, name in zip(self.tensors, FIELDS, strict=True):
+            src = torch.from_numpy(batch[name])
+            dst[self.cursor : self.cursor + first].copy_(src[:first])
+            if first < n:
+                dst[: n - first].copy_(src[first:])
+        self.cursor = (self.cursor + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, ...]:
+        index = torch.randint(0, self.size, (batch_size,))
+        return tuple(t.index_select(0, index) for t in self.tensors)
+
+
+def torchrl_buffer(capacity: int) -> tuple[Any, Callable[[dict[str, np.ndarray]], Any], str]:
+    """(buffer, numpy batch -> TensorDict, version); raises ImportError when torchrl is unusable."""
+    logging.getLogger("torchrl").setLevel(logging.WARNING)  # it logs every storage initialisation
+    from tensordict import TensorDict
+    from torchrl.data import LazyTensorStorage
+    from torchrl.data import ReplayBuffer as TorchRLReplayBuffer
+    from torchrl.data.replay_buffers.samplers import RandomSampler
+
+    logging.getLogger("torchrl").setLevel(logging.WARNING)
+    import torchrl
+
+    def as_td(batch: dict[str, np.ndarray]) -> Any:
+        n = len(batch["actions"])
+        return TensorDict({k: torch.from_numpy(batch[k]) for k in FIELDS}, batch_size=[n])
+
+    rb = TorchRLReplayBuffer(storage=LazyTensorStorage(capacity), sampler=RandomSampler())
+    return rb, as_td, torchrl.__version__
+
+
+def fill(capacity: int, push: Callable[[dict[str, np.ndarray]], object]) -> None:
+    chunk = transitions(min(capacity, 65_536), seed=1)
+    done = 0
+    while done < capacity:
+        push(chunk)
+        done += len(chunk["actions"])
+
+
+def run(smoke: bool) -> dict[str, Any]:
+    capacity = 10_000 if smoke else 1_000_000
+    rounds, seconds = (1, 0.1) if smoke else (5, 0.6)
+    torch.set_num_threads(1)  # the learner's and the ingest loop's setting in the daemon
+    batch = transitions(PUSH, seed=2)
+
+    ours = ReplayBuffer(capacity, FEATURE_DIM, "cpu", seed=0)
+    fill(capacity, lambda b: ours.push(*(b[k] for k in FIELDS)))
+    ring = PlainRing(capacity)
+    fill(capacity, ring.push)
+
+    peer = "torchrl"
+    try:
+        rb, as_td, version = torchrl_buffer(capacity)
+        fill(capacity, lambda b: rb.extend(as_td(b)))
+        prebuilt = as_td(batch)
+        peer_note = f"torchrl {version}: ReplayBuffer + LazyTensorStorage + RandomSampler"
+    except Exception as exc:  # ImportError, or a broken compiled extension failing at import
+        rb = None
+        peer = "plain ring"
+        peer_note = (
+            f"torchrl unavailable ({type(exc).__name__}: {exc}); comparing with the plain ring instead"
+        )
+    print(f"peer: {peer_note}")
+
+    push_ops: dict[str, Callable[[], object]] = {
+        "streamdqn": lambda: ours.push(*(batch[k] for k in FIELDS)),
+        "plain ring": lambda: ring.push(batch),
+    }
+    if rb is not None:
+        torchrl_rb: Any = rb
+        push_ops["torchrl"] = lambda: torchrl_rb.extend(as_td(batch))
+        push_ops["torchrl (prebuilt TensorDict)"] = lambda: torchrl_rb.extend(prebuilt)
+    results: dict[str, Any] = {"push_512": side_by_side(push_ops, rounds=rounds, seconds=seconds)}
+    for size in SAMPLES:
+        ops: dict[str, Callable[[], object]] = {
+            "streamdqn": functools.partial(ours.sample, size),
+            "plain ring": functools.partial(ring.sample, size),
+        }
+        if rb is not None:
+            ops["torchrl"] = functools.partial(rb.sample, batch_size=size)
+        results[f"sample_{size}"] = side_by_side(ops, rounds=rounds, seconds=seconds)
+
+    ops_names = list(results)
+    impls = list(push_ops)
+    table(
+        ["implementation", *(f"{op} ops/s" for op in ops_names)],
+        [[impl, *(results[op].get(impl, float("nan")) for op in ops_names)] for impl in impls],
+        title=f"capacity {capacity:,} (full), 1 torch thread, median of {rounds} alternating round(s)",
+    )
+    table(
+        ["streamdqn / x", *ops_names],
+        [
+            [
+                impl,
+                *(ratio(results[op]["streamdqn"], results[op].get(impl, float("nan"))) for op in ops_names),
+            ]
+            for impl in impls
+            if impl != "streamdqn"
+        ],
+        title="ratios",
+    )
+    targets = []
+    if peer == "torchrl":
+        targets = [
+            Target(f"replay_{op}_vs_torchrl", ratio(results[op]["streamdqn"], results[op]["torchrl"]), TARGET)
+            for op in ops_names
+        ]
+    else:
+        print(
+            "\nthe 2x target is against TorchRL; without it there is nothing to judge (the ring is a floor)"
+        )
+    verdicts = report_targets(targets, smoke)
+    return {
+        "bench": "replay",
+        "smoke": smoke,
+        "capacity": capacity,
+        "peer": peer,
+        "peer_note": peer_note,
+        "ops_per_s": results,
+        "targets": verdicts,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes for CI; targets not judged")
+    args = parser.parse_args(argv)
+    header("replay", args.smoke, "ReplayBuffer push/sample vs TorchRL and a plain ring")
+    emit(run(args.smoke))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
