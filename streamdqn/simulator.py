@@ -29,22 +29,15 @@ import numpy as np
 import numpy.typing as npt
 
 from streamdqn.atomic import atomic_write
+from streamdqn.telemetry import COUNT_FIELDS, FLAG_FIELDS
 
 __all__ = ["BENIGN_KINDS", "MALWARE_FAMILIES", "format_for_path", "simulate", "write_events"]
 
 Event = dict[str, object]
 
-# Column order of the activity matrices; the first seven are integer counts.
-_COUNTS = (
-    "syscall_count",
-    "file_read_count",
-    "file_write_count",
-    "network_connections",
-    "bytes_sent",
-    "bytes_received",
-    "child_processes",
-)
-_FLAGS = ("registry_modification", "privilege_escalation_attempt", "code_injection_detected")
+# Column order of the activity matrices (the wire format's): the first seven are integer counts.
+_COUNTS = COUNT_FIELDS
+_FLAGS = FLAG_FIELDS
 
 # Per-step multiplicative noise (lognormal sigma) per activity column: bytes are bursty, memory is smooth.
 _STEP_SIGMA = (0.35, 0.5, 0.5, 0.5, 0.7, 0.7, 0.5, 0.2, 0.1)
