@@ -148,8 +148,8 @@ class DaemonProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> DaemonProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        env.pop("NOTIFY_SOCKET", None)
+        inherited = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+        env = {**inherited, "PYTHONUNBUFFERED": "1", **self.env}
         self.env_used = env
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.process = subprocess.Popen(
