@@ -52,6 +52,11 @@ EXIT_FAILURE = 1
 EXIT_LEARNER_DIED = 70
 EXIT_STALLED = 75  # EX_TEMPFAIL: systemd's Restart=on-failure brings us back
 
+# Bound on an offset commit or a snapshot announcement. aiokafka waits for a hung or restarting
+# coordinator indefinitely, and both are only informational (the offsets that count are in the
+# checkpoint), so they must not hold up the next checkpoint, publish or the shutdown.
+BROKER_CALL_TIMEOUT_SECONDS = 5.0
+
 
 def learner_settings(s: Settings) -> LearnerSettings:
     c = s.learner
@@ -73,6 +78,17 @@ def kafka_options(s: Settings) -> KafkaOptions:
         ssl_certfile=k.ssl_certfile, ssl_keyfile=k.ssl_keyfile, max_poll_records=k.max_poll_records,
         fetch_max_bytes=k.fetch_max_bytes, max_partition_fetch_bytes=k.max_partition_fetch_bytes,
     )
+
+
+def _describe_broker_error(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"no answer from the broker within {BROKER_CALL_TIMEOUT_SECONDS:g} s"
+    return repr(exc)[:300]
+
+
+def _log_commit_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log_event("offset commit failed", error=_describe_broker_error(task.exception()))  # type: ignore[arg-type]
 
 
 def log_event(event: str, **fields: Any) -> None:
@@ -119,6 +135,7 @@ class Daemon:
         self.health = _Health(started=time.time(), last_progress=time.monotonic())
         self.notifier = SystemdNotifier()
         self._ingest_lock = asyncio.Lock()
+        self._commit_task: asyncio.Task[None] | None = None
         self._signals = 0
         self._returns_since_history: list[float] = []
         self.runner: LearnerRunner | None = None
@@ -450,12 +467,29 @@ class Daemon:
                   events_consumed=state["pipeline"]["counters"]["events_consumed"],
                   updates=state["learner"]["updates"], final=final)
         if self.source is not None:
-            try:
-                await self.source.commit(offsets if revoked is None else {p: offsets[p] for p in revoked
-                                                                           if p in offsets})
-            except Exception as exc:
-                log_event("offset commit failed", error=repr(exc)[:300])
+            if revoked is not None:
+                offsets = {p: offsets[p] for p in revoked if p in offsets}
+            await self._commit(offsets)
         return True
+
+    async def _commit(self, offsets: dict[int, int]) -> None:
+        """Commit offsets to the group, waiting at most BROKER_CALL_TIMEOUT_SECONDS.
+
+        A commit still waiting after that goes on in the background (cancelling it would leave the
+        error of aiokafka's shielded request unretrieved) and later commits are skipped until it ends.
+        """
+        assert self.source is not None
+        pending = self._commit_task
+        if pending is not None and not pending.done():
+            log_event("offset commit skipped", reason="the previous commit still waits for the broker")
+            return
+        task = asyncio.create_task(self.source.commit(offsets), name="commit")
+        task.add_done_callback(_log_commit_failure)
+        self._commit_task = task
+        await asyncio.wait({task}, timeout=BROKER_CALL_TIMEOUT_SECONDS)
+        if not task.done():
+            log_event("offset commit failed", error=f"no answer from the broker within "
+                      f"{BROKER_CALL_TIMEOUT_SECONDS:g} s; still trying in the background")
 
     def _append_history(self, state: dict[str, Any]) -> None:
         returns, self._returns_since_history = self._returns_since_history, []
@@ -549,9 +583,9 @@ class Daemon:
                               "url": f"{base}/snapshots/{version}/model.onnx",
                               "manifest_url": f"{base}/snapshots/{version}/manifest.json"}).encode()
         try:
-            await self.source.announce(payload)
+            await asyncio.wait_for(self.source.announce(payload), timeout=BROKER_CALL_TIMEOUT_SECONDS)
         except Exception as exc:
-            log_event("snapshot announcement failed", error=repr(exc)[:300])
+            log_event("snapshot announcement failed", error=_describe_broker_error(exc))
 
     # ---------------------------------------------------------------- observability
     def _metrics_snapshot(self) -> MetricsSnapshot:

@@ -104,6 +104,24 @@ def client_security(o: KafkaOptions) -> dict[str, object]:
     return kw
 
 
+async def _stop_client(client: AIOKafkaConsumer | AIOKafkaProducer, what: str) -> None:
+    """Stop an aiokafka client, also when the broker is gone.
+
+    Then aiokafka 0.14's consumer.stop() raises the CancelledError of a fetch it cancelled itself
+    (Fetcher.close awaits the tasks it has just cancelled): that must not turn a clean shutdown into
+    a crash, but a cancellation of our own task must still propagate.
+    """
+    try:
+        await client.stop()
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        log.warning("the Kafka %s did not stop cleanly (broker unreachable)", what)
+    except (KafkaError, OSError) as exc:
+        log.warning("the Kafka %s did not stop cleanly: %r", what, exc)
+
+
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, source: KafkaSource) -> None:
         self.source = source
@@ -141,6 +159,7 @@ class KafkaSource:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._paused = False
+        self._unverified: dict[int, int] = {}  # partition -> offset seeked to, until a fetch confirms it
 
     async def start(self) -> None:
         o = self.options
@@ -174,10 +193,12 @@ class KafkaSource:
     async def stop(self) -> None:
         consumer, producer = self._consumer, self._producer
         self._consumer = self._producer = None
-        if consumer is not None:
-            await consumer.stop()
-        if producer is not None:
-            await producer.stop()
+        try:
+            if consumer is not None:
+                await _stop_client(consumer, "consumer")
+        finally:
+            if producer is not None:
+                await _stop_client(producer, "producer")
 
     async def _seek_assigned(self, partitions: set[int]) -> None:
         assert self._consumer is not None
@@ -190,18 +211,57 @@ class KafkaSource:
                 committed = await self._consumer.committed(tp)
             except KafkaError:
                 committed = None
-            self._consumer.seek(tp, max(checkpointed, committed or 0))
+            offset = max(checkpointed, committed or 0)
+            self._consumer.seek(tp, offset)
+            self._unverified[p] = offset
         if self._paused:
             self.pause()
 
     async def fetch(self, timeout_ms: int) -> list[Record]:
         assert self._consumer is not None, "KafkaSource.fetch before start"
         batches = await self._consumer.getmany(timeout_ms=timeout_ms)
+        if self._unverified:
+            await self._reset_beyond_the_end({tp.partition for tp in batches})
         return [
             Record(m.topic, m.partition, m.offset, m.value or b"", m.key, tuple(m.headers or ()))
             for messages in batches.values()
             for m in messages
         ]
+
+    async def _reset_beyond_the_end(self, delivered: set[int]) -> None:
+        """Read from the beginning a partition whose seeked offset lies beyond the end of its log.
+
+        That means the log was lost or recreated (a broker with memory storage restarted, a topic
+        deleted and created again). Kafka answers such a fetch with OFFSET_OUT_OF_RANGE and the
+        consumer resets by itself, but some brokers (tansu) return nothing and the high watermark,
+        so the new records below the old offset would never be read. The offset is also reset in
+        start_offsets, which the daemon checkpoints: a later restart must not seek back to the stale
+        offset and skip the new records. (The high watermark of the fetch response is used, not
+        end_offsets(): tansu's ListOffsets answers the last batch's base offset + 1.)
+        """
+        consumer = self._consumer
+        assert consumer is not None
+        assigned = self.assignment()
+        for p, offset in list(self._unverified.items()):
+            tp = TopicPartition(self.options.topic, p)
+            if p in delivered or p not in assigned:
+                del self._unverified[p]
+                continue
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                continue  # not fetched yet (or paused)
+            del self._unverified[p]
+            if offset <= highwater:
+                continue
+            try:
+                begin = (await consumer.beginning_offsets([tp])).get(tp, 0)
+            except KafkaError:
+                begin = 0
+            log.warning("partition %d: offset %d is beyond the end of the log (%d): the log was lost or "
+                        "recreated; reading it from the beginning (%d)", p, offset, highwater, begin)
+            if p in self.assignment():
+                consumer.seek(tp, begin)
+                self.start_offsets[p] = begin
 
     def assignment(self) -> set[int]:
         if self._consumer is None:
