@@ -37,6 +37,9 @@ class CheckpointStore:
         self.root = Path(root)
         self.keep = keep
         self.root.mkdir(parents=True, exist_ok=True)
+        # Temp files of a writer killed mid-save (atomic_write names them .<name>.<random>.tmp).
+        for stale in self.root.glob(".ckpt-*.tmp"):
+            stale.unlink(missing_ok=True)
 
     def _sequences(self) -> list[int]:
         return sorted(int(m.group(1)) for p in self.root.iterdir() if (m := _NAME.match(p.name)))
