@@ -168,7 +168,9 @@ class DQNLearner:
         n = len(features)
         if n == 0:
             return np.zeros(0, dtype=np.int64)
-        greedy = self.q_values(features).argmax(axis=1)
+        with torch.no_grad():
+            q = self.online(torch.as_tensor(features, dtype=torch.float32, device=self.device))
+            greedy = self.online.greedy(q).cpu().numpy()
         if not explore:
             return greedy.astype(np.int64)
         return epsilon_greedy(self._rng, greedy, self.epsilon, self.settings, self.online.n_actions)
@@ -226,5 +228,6 @@ class ActingPolicy:
         n = len(features)
         if n == 0:
             return np.zeros(0, dtype=np.int64)
-        greedy = self.network(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).argmax(1).numpy()
+        q = self.network(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
+        greedy = self.network.greedy(q).numpy()
         return epsilon_greedy(self._rng, greedy, self.epsilon, self.settings, self.network.n_actions)

@@ -24,6 +24,10 @@ class QNetwork(nn.Module):
         self.register_buffer("obs_mean", torch.zeros(obs_dim))
         self.register_buffer("obs_std", torch.ones(obs_dim))
         self.register_buffer("obs_clip", torch.tensor(float(clip)))
+        # Added to Q(ignore) when choosing the greedy action: a calibrated bias against responding
+        # (set by offline training on its own episodes; 0 means plain argmax). Q-values are unchanged.
+        self.register_buffer("ignore_margin", torch.tensor(0.0))
+        self.register_buffer("_ignore_onehot", torch.eye(n_actions)[0], persistent=False)
         layers: list[nn.Module] = []
         width = obs_dim
         for h in self.hidden:
@@ -39,6 +43,10 @@ class QNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.normalize(x))
 
+    def greedy(self, q_values: torch.Tensor) -> torch.Tensor:
+        """The action chosen from Q-values, with the ignore margin applied."""
+        return torch.argmax(q_values + self.ignore_margin * self._ignore_onehot, dim=1)
+
     @torch.no_grad()
     def set_normalization(self, mean: np.ndarray, std: np.ndarray, clip: float) -> None:
         self.obs_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
@@ -47,7 +55,7 @@ class QNetwork(nn.Module):
 
 
 class PolicyHead(nn.Module):
-    """What gets exported: Q-values and the greedy action."""
+    """What gets exported: Q-values and the greedy action (ignore margin applied)."""
 
     def __init__(self, q: QNetwork) -> None:
         super().__init__()
@@ -55,4 +63,4 @@ class PolicyHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q_values = self.q(features)
-        return q_values, torch.argmax(q_values, dim=1)
+        return q_values, self.q.greedy(q_values)

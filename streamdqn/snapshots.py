@@ -85,8 +85,10 @@ def check_onnx(model: bytes, q: QNetwork, probe: np.ndarray) -> float:
     diff = float(np.max(np.abs(q_ort - q_torch))) if len(probe) else 0.0
     if not np.isfinite(q_ort).all() or diff > PARITY_TOLERANCE:
         raise SnapshotError(f"onnxruntime Q-values differ from torch by {diff:.3g} (> {PARITY_TOLERANCE})")
-    if action_ort.dtype != np.int64 or not np.array_equal(action_ort, q_ort.argmax(axis=1)):
-        raise SnapshotError("exported action output is not the argmax of q_values")
+    margin = float(q.ignore_margin)
+    expected = (q_ort + np.array([margin] + [0.0] * (q_ort.shape[1] - 1), dtype=np.float32)).argmax(axis=1)
+    if action_ort.dtype != np.int64 or not np.array_equal(action_ort, expected):
+        raise SnapshotError("exported action output is not the argmax of q_values (with the ignore margin)")
     return diff
 
 
