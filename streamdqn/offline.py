@@ -66,6 +66,8 @@ class OfflineOptions:
     # Tune the greedy policy's bias towards `ignore` on the training episodes at the end (as the
     # logistic baseline tunes its threshold on its fit split).
     calibrate_ignore_margin: bool = True
+    # Share of the file's episodes kept out of training for that calibration (0: calibrate in-sample).
+    calibration_fraction: float = 0.0
 
 
 def split_hyperparameters(hyperparameters: dict[str, Any]) -> tuple[LearnerSettings, OfflineOptions]:
@@ -149,6 +151,11 @@ def train(
     if options.torch_threads > 0:
         torch.set_num_threads(options.torch_threads)
     episodes, _ = load_episodes(Path(telemetry_file) if telemetry_file else None, seed)
+    calibration = episodes
+    if options.calibrate_ignore_margin and options.calibration_fraction > 0:
+        shuffled = [episodes[i] for i in np.random.default_rng(seed + 1).permutation(len(episodes))]
+        cut = max(1, int(len(episodes) * options.calibration_fraction))
+        calibration, episodes = shuffled[:cut], shuffled[cut:]
 
     table = rewards or RewardTable()
     learner = DQNLearner(settings, feature_dim, action_dim, clip=options.feature_clip)
@@ -207,9 +214,10 @@ def train(
             checkpoints.save({**agent.state_dict(), "episode": i + 1, "events_seen": events_seen})
 
     if options.calibrate_ignore_margin:
-        margin, mean_return = calibrate_ignore_margin(agent, episodes)
+        margin, mean_return = calibrate_ignore_margin(agent, calibration)
         if progress:
-            bar.write(f"ignore margin {margin:.3f}: mean return on the training episodes {mean_return:+.3f}")
+            bar.write(f"ignore margin {margin:.3f}: mean return on {len(calibration)} calibration episodes "
+                      f"{mean_return:+.3f}")
     if checkpoints:
         checkpoints.save({**agent.state_dict(), "episode": num_episodes, "events_seen": events_seen})
     if state_dir:
