@@ -351,9 +351,11 @@ def test_sigterm_mid_backlog_exits_0_with_final_checkpoint_and_snapshot(topics, 
     backlog = sim_events(250, seed=71, sandboxes=16)
     produce(topics.bootstrap, topics.telemetry, encode_events(backlog))
     stop_timeout = 20.0
-    # The default learner process; the replay ratio throttles ingest (backpressure), so the backlog
-    # takes a while and the signal lands mid-stream.
-    daemon = make_daemon(topics, lifecycle={"stop_timeout_seconds": stop_timeout}).start()
+    # The default learner process; a replay ratio it cannot keep up with throttles ingest
+    # (backpressure) on a fast idle machine too, so the backlog takes a while and the signal lands
+    # mid-stream.
+    daemon = make_daemon(topics, lifecycle={"stop_timeout_seconds": stop_timeout},
+                         learner={"updates_per_transition": 2.0, "max_lag_ratio": 1.5}).start()
     daemon.wait_for(lambda: daemon.metric("streamdqn_learner_updates_total") >= 20, 60, "learning")
     consumed = daemon.metric("streamdqn_events_consumed_total")
     assert 0 < consumed < len(backlog), "the backlog was gone before the signal; make it larger"
