@@ -1,11 +1,15 @@
-"""Telemetry events for the unit and property tests: a valid wire dict, a TelemetryEvent, and strategies."""
+"""Test data: a valid wire dict, a TelemetryEvent, hypothesis strategies, and a small real snapshot."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+import torch
 from hypothesis import strategies as st
 
+from streamdqn.model import QNetwork
+from streamdqn.snapshots import Snapshot, SnapshotStore, publish_snapshot
 from streamdqn.telemetry import COUNT_FIELDS, FLAG_FIELDS, TelemetryEvent
 
 MAX_COUNT = 2**53
@@ -80,3 +84,10 @@ def valid_event_dicts(draw: st.DrawFn) -> dict[str, Any]:
             st.one_of(st.integers(0, 4), st.sampled_from(["ignore", "Quarantine", "REVIEW"]))
         )
     return event
+
+
+def publish_small(store: SnapshotStore, seed: int, **kwargs: Any) -> Snapshot:
+    """A real export of a small QNetwork; different seeds give different model bytes."""
+    torch.manual_seed(seed)
+    q = QNetwork(30, 5, (32, 32))
+    return publish_snapshot(store, q, np.zeros((4, 30), np.float32), info={"seed": seed}, **kwargs)

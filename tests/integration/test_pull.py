@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import threading
-import warnings
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,11 +15,9 @@ from typing import Any, TypeVar
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
 from aiohttp import web
 
 from streamdqn.errors import ConfigError, SnapshotError, SnapshotVerifyError
-from streamdqn.model import QNetwork
 from streamdqn.pull import PullResult, format_pull_result, pull
 from streamdqn.server import build_app, start_http, stop_http
 from streamdqn.signing import (
@@ -30,7 +27,8 @@ from streamdqn.signing import (
     HmacVerifier,
     generate_ed25519_keypair,
 )
-from streamdqn.snapshots import Snapshot, SnapshotStore, publish_snapshot, sha256_hex
+from streamdqn.snapshots import Snapshot, SnapshotStore, sha256_hex
+from tests.factories import publish_small
 
 pytestmark = pytest.mark.integration
 
@@ -39,14 +37,7 @@ TOKEN = "pull-test-token-0123"
 T = TypeVar("T")
 
 
-def publish(store: SnapshotStore, seed: int, **kwargs: Any) -> Snapshot:
-    """A real export of a small QNetwork; different seeds give different model bytes."""
-    torch.manual_seed(seed)
-    q = QNetwork(OBS_DIM, N_ACTIONS, (32, 32))
-    with warnings.catch_warnings():
-        # snapshots.py picks torch's TorchScript exporter on purpose; torch deprecates it (see test_evaluate).
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return publish_snapshot(store, q, np.zeros((4, OBS_DIM), np.float32), info={"seed": seed}, **kwargs)
+publish = publish_small
 
 
 class LoopThread:

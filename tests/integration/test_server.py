@@ -6,22 +6,19 @@ import asyncio
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import numpy as np
 import pytest
-import torch
 from yarl import URL
 
-from streamdqn.model import QNetwork
 from streamdqn.server import build_app, etag_matches, start_http, stop_http
 from streamdqn.signing import HmacSigner
-from streamdqn.snapshots import Snapshot, SnapshotStore, publish_snapshot
+from streamdqn.snapshots import SnapshotStore
+from tests.factories import publish_small
 
 pytestmark = pytest.mark.integration
 
@@ -30,14 +27,7 @@ TOKEN = "t0k3n-for-the-tests"
 OUTSIDE_MARKER = b"OUTSIDE-THE-STORE"
 
 
-def publish(store: SnapshotStore, seed: int, **kwargs: Any) -> Snapshot:
-    """A real export of a small QNetwork; different seeds give different model bytes."""
-    torch.manual_seed(seed)
-    q = QNetwork(OBS_DIM, N_ACTIONS, (32, 32))
-    with warnings.catch_warnings():
-        # snapshots.py picks torch's TorchScript exporter on purpose; torch deprecates it (see test_evaluate).
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return publish_snapshot(store, q, np.zeros((4, OBS_DIM), np.float32), info={"seed": seed}, **kwargs)
+publish = publish_small
 
 
 class Probes:
