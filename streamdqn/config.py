@@ -103,6 +103,8 @@ class LifecycleSettings(Section):
 class LearnerConfig(Section):
     hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [256, 256])
     lr: Positive = 1e-4
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """Decoupled weight decay (AdamW) when > 0; plain Adam at 0."""
     gamma: Annotated[float, Field(ge=0, le=1)] = 0.99
     batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
     target_update_interval: Annotated[int, Field(ge=1)] = 1000
@@ -112,6 +114,10 @@ class LearnerConfig(Section):
     epsilon_start: Annotated[float, Field(ge=0, le=1)] = 1.0
     epsilon_end: Annotated[float, Field(ge=0, le=1)] = 0.1
     epsilon_decay_steps: Annotated[int, Field(ge=0)] = 20_000
+    explore_ignore_probability: Annotated[float, Field(ge=0, le=1)] | None = 1.0
+    """Chance that an exploratory action is `ignore` (null: uniform over the five actions). Responses
+    are learned from counterfactual transitions at every visited step, so exploring by watching
+    longer covers more states than exploring by responding."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
     mode: Literal["thread", "process"] = "process"

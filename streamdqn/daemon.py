@@ -61,10 +61,11 @@ BROKER_CALL_TIMEOUT_SECONDS = 5.0
 def learner_settings(s: Settings) -> LearnerSettings:
     c = s.learner
     return LearnerSettings(
-        hidden=tuple(c.hidden), lr=c.lr, gamma=c.gamma, batch_size=c.batch_size,
+        hidden=tuple(c.hidden), lr=c.lr, weight_decay=c.weight_decay, gamma=c.gamma, batch_size=c.batch_size,
         target_update_interval=c.target_update_interval, tau=c.tau, grad_clip=c.grad_clip,
         double_dqn=c.double_dqn, epsilon_start=c.epsilon_start, epsilon_end=c.epsilon_end,
-        epsilon_decay_steps=c.epsilon_decay_steps, device=c.device, seed=c.seed,
+        epsilon_decay_steps=c.epsilon_decay_steps, explore_ignore_probability=c.explore_ignore_probability,
+        device=c.device, seed=c.seed,
     )
 
 

@@ -24,6 +24,7 @@ class LearnerSettings:
 
     hidden: tuple[int, ...] = (256, 256)
     lr: float = 1e-4
+    weight_decay: float = 0.0  # decoupled (AdamW) when > 0: the response heads overfit small data
     gamma: float = 0.99
     batch_size: int = 64
     target_update_interval: int = 1000  # hard copy every N updates; ignored when tau > 0
@@ -34,8 +35,9 @@ class LearnerSettings:
     epsilon_end: float = 0.1
     epsilon_decay_steps: int = 10_000
     # Probability that an exploratory action is `ignore` (None: uniform over all actions). Any response
-    # ends an episode, so uniform exploration rarely sees late steps; a larger value explores deeper.
-    explore_ignore_probability: float | None = None
+    # ends an episode, so uniform exploration rarely sees late steps, while counterfactual transitions
+    # already teach every response's reward at each visited step: exploring by watching covers more.
+    explore_ignore_probability: float | None = 1.0
     device: str = "auto"
     seed: int | None = None
 
@@ -119,7 +121,7 @@ class DQNLearner:
             torch.manual_seed(settings.seed)
         self.online = QNetwork(obs_dim, n_actions, settings.hidden, clip).to(self.device)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=settings.lr, **_fast_adam(self.device))
+        self.optimizer = _optimizer(self.online, settings, self.device)
         self.counters = LearnerCounters()
         self._rng = np.random.default_rng(settings.seed)
 
@@ -191,6 +193,14 @@ class DQNLearner:
         self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
         self.counters.updates = int(state["updates"])  # type: ignore[call-overload]
         self.counters.acting_steps = int(state["acting_steps"])  # type: ignore[call-overload]
+
+
+def _optimizer(online: QNetwork, settings: LearnerSettings, device: torch.device) -> torch.optim.Optimizer:
+    if settings.weight_decay > 0:
+        return torch.optim.AdamW(
+            online.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, **_fast_adam(device)
+        )
+    return torch.optim.Adam(online.parameters(), lr=settings.lr, **_fast_adam(device))
 
 
 def _fast_adam(device: torch.device) -> dict[str, bool]:

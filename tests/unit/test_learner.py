@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -182,12 +183,19 @@ def test_exploration_follows_epsilon() -> None:
     )
     chosen = greedy_only.act(states)
     assert len(set(chosen.tolist())) == 1
-    random_only = DQNLearner(
-        LearnerSettings(hidden=(4,), epsilon_start=1.0, epsilon_end=1.0, device="cpu", seed=0), 2, 5
+    uniform = LearnerSettings(
+        hidden=(4,), epsilon_start=1.0, epsilon_end=1.0, explore_ignore_probability=None, device="cpu", seed=0
     )
+    random_only = DQNLearner(uniform, 2, 5)
     counts = np.bincount(random_only.act(states), minlength=5)
     assert counts.min() > 300  # uniform over the five actions
     assert random_only.act(np.zeros((0, 2), np.float32)).shape == (0,)
+    mostly_ignore = DQNLearner(replace(uniform, explore_ignore_probability=0.8), 2, 5)
+    counts = np.bincount(mostly_ignore.act(states), minlength=5)
+    assert 1500 < counts[0] < 1700 and counts[1:].min() > 60  # 80 % ignore, the rest uniform over responses
+    default = LearnerSettings().explore_ignore_probability
+    watching = DQNLearner(replace(uniform, explore_ignore_probability=default), 2, 5)
+    assert (watching.act(states) == 0).all()  # the default explores by watching longer
 
 
 def test_state_dict_round_trip_continues_identically() -> None:
