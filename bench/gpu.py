@@ -1,11 +1,14 @@
 """GPU: the fast path on one CUDA device, in one short run (< 3 minutes); exits cleanly without CUDA.
 
     updates     DQN updates/s at batch 64 and 256, all from a ReplayBuffer on the GPU:
-                  eager       DQNLearner.update(buffer.sample(b)) as the daemon runs it (its stats
+                  eager       DQNLearner.update(buffer.sample(b)) with cuda_graph off (its stats
                               .tolist() waits for the GPU once per update)
                   eager-async the same steps without reading stats back each update
-                  graphed     forward + backward + clip + Adam(capturable=True) captured once with
-                              torch.cuda.graphs and replayed; static inputs filled from replay samples
+                  graphed     DQNLearner.update(buffer.sample(b)) as the daemon runs it on CUDA
+                              (cuda_graph on): forward + backward + clip + fused Adam(capturable=True)
+                              captured once per batch size (streamdqn.graphs) and replayed, static
+                              inputs filled from replay samples; stats read back each update
+                  graphed (no sampling)  the same update on one pre-drawn sample
     pushes      ReplayBuffer.push(512 transitions from numpy) to the GPU: streamdqn's pinned
                 staging + non_blocking copy, vs a plain pageable .to(device), vs one reused pinned
                 staging buffer
@@ -23,6 +26,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -71,57 +75,6 @@ def filled_buffer(capacity: int, device: torch.device) -> ReplayBuffer:
     return buffer
 
 
-class GraphedUpdate:
-    """One whole DQN update captured in a CUDA graph; replay() runs it on new static inputs."""
-
-    def __init__(self, learner: DQNLearner, batch: int, *, fused: bool) -> None:
-        s = learner.settings
-        self.learner = learner
-        device = learner.device
-        self.static = ReplaySamples(
-            torch.zeros(batch, FEATURE_DIM, device=device),
-            torch.zeros(batch, dtype=torch.int64, device=device),
-            torch.zeros(batch, device=device),
-            torch.zeros(batch, FEATURE_DIM, device=device),
-            torch.zeros(batch, dtype=torch.bool, device=device),
-        )
-        params = list(learner.online.parameters())
-        self.optimizer = torch.optim.Adam(
-            params, lr=s.lr, capturable=True, fused=fused or None, foreach=None if fused else True
-        )
-        self.kind = "fused" if fused else "foreach"
-
-        def step() -> tuple[torch.Tensor, ...]:
-            loss, td_abs, q_max = td_loss(learner.online, learner.target, self.static, s.gamma, s.double_dqn)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-            self.optimizer.step()
-            return loss.detach(), td_abs.mean(), q_max.mean()
-
-        # Warm up on a side stream (lazy state such as Adam's moments is created here), then capture.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self.optimizer.zero_grad(set_to_none=True)
-                step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
-            self.stats = step()
-        self.updates = 0
-
-    def update(self, sample: ReplaySamples) -> None:
-        for dst, src in zip(self.static, sample, strict=True):
-            dst.copy_(src, non_blocking=True)
-        self.graph.replay()
-        self.updates += 1
-        if self.updates % self.learner.settings.target_update_interval == 0:
-            # In-place copy: the graph keeps reading the target network's same tensors.
-            self.learner.target.load_state_dict(self.learner.online.state_dict())
-
-
 def eager_async(learner: DQNLearner) -> Callable[[ReplaySamples], None]:
     """DQNLearner.update's steps without the per-update stats read-back."""
     s = learner.settings
@@ -144,7 +97,7 @@ def bench_updates(
     buffer = filled_buffer(capacity, device)
     out: dict[str, dict[str, float]] = {}
     for batch in BATCHES:
-        settings = LearnerSettings(batch_size=batch, device=str(device), seed=0)
+        settings = LearnerSettings(batch_size=batch, device=str(device), cuda_graph=False, seed=0)
         eager = DQNLearner(settings, FEATURE_DIM, N_ACTIONS)
         no_sync = DQNLearner(settings, FEATURE_DIM, N_ACTIONS)
         step_async = eager_async(no_sync)
@@ -153,19 +106,18 @@ def bench_updates(
             "eager-async": rate(lambda: step_async(buffer.sample(batch)), seconds, device),  # noqa: B023
         }
         if graphs:
-            graphed = None
-            for fused in (True, False):  # fused capturable Adam first, the foreach one if that fails
-                try:
-                    graphed = GraphedUpdate(DQNLearner(settings, FEATURE_DIM, N_ACTIONS), batch, fused=fused)
-                    break
-                except Exception as exc:  # one short run on a lent GPU: report the failure, keep measuring
-                    key = f"{batch} {'fused' if fused else 'foreach'}"
-                    errors[key] = f"{type(exc).__name__}: {exc}"[:500]
-                    print(f"graph capture failed ({key}): {errors[key]}")
-            if graphed is not None:
-                print(f"batch {batch}: captured with {graphed.kind} capturable Adam")
-                r["graphed"] = rate(lambda: graphed.update(buffer.sample(batch)), seconds, device)  # noqa: B023
-                r["graphed (no sampling)"] = rate(graphed.graph.replay, seconds, device)
+            graphed = DQNLearner(replace(settings, cuda_graph=True), FEATURE_DIM, N_ACTIONS)
+            fixed = buffer.sample(batch)
+            # rate() warms up with ten calls: the learner captures its graph on the fourth.
+            r["graphed"] = rate(lambda: graphed.update(buffer.sample(batch)), seconds, device)  # noqa: B023
+            step = graphed.graphed_step
+            if step is not None and step.captured:
+                print(f"batch {batch}: captured with fused capturable Adam")
+                r["graphed (no sampling)"] = rate(lambda: graphed.update(fixed), seconds, device)  # noqa: B023
+            else:  # the learner fell back to eager updates: report it, keep measuring the rest
+                errors[str(batch)] = (step.error if step is not None else None) or "no graph was captured"
+                print(f"graph capture failed (batch {batch}): {errors[str(batch)][:500]}")
+                del r["graphed"]
         out[str(batch)] = r
     return out
 

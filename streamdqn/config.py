@@ -120,6 +120,8 @@ class LearnerConfig(Section):
     longer covers more states than exploring by responding."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
+    cuda_graph: bool = True
+    """On CUDA, replay each update from a captured CUDA graph (the same update, launched as one graph)."""
     mode: Literal["thread", "process"] = "process"
     """Where updates run: a thread shares the GIL with ingest; a process does not (see the README)."""
     updates_per_transition: Annotated[float, Field(ge=0)] = 0.25

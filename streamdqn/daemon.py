@@ -65,7 +65,7 @@ def learner_settings(s: Settings) -> LearnerSettings:
         target_update_interval=c.target_update_interval, tau=c.tau, grad_clip=c.grad_clip,
         double_dqn=c.double_dqn, epsilon_start=c.epsilon_start, epsilon_end=c.epsilon_end,
         epsilon_decay_steps=c.epsilon_decay_steps, explore_ignore_probability=c.explore_ignore_probability,
-        device=c.device, seed=c.seed,
+        device=c.device, cuda_graph=c.cuda_graph, seed=c.seed,
     )
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from streamdqn.graphs import GraphedStep
 from streamdqn.model import QNetwork
 from streamdqn.replay import ReplaySamples
 
@@ -39,6 +40,7 @@ class LearnerSettings:
     # already teach every response's reward at each visited step: exploring by watching covers more.
     explore_ignore_probability: float | None = 1.0
     device: str = "auto"
+    cuda_graph: bool = True  # on CUDA, replay each update from a captured CUDA graph (streamdqn.graphs)
     seed: int | None = None
 
     def as_dict(self) -> dict[str, object]:
@@ -112,7 +114,11 @@ class LearnerCounters:
 
 
 class DQNLearner:
-    """Owns the online and target networks and the optimizer."""
+    """Owns the online and target networks and the optimizer.
+
+    On CUDA with `settings.cuda_graph`, each update is replayed from a CUDA graph (see streamdqn.graphs):
+    the same update, launched as one graph. That is why everything an update reads is changed in place.
+    """
 
     def __init__(self, settings: LearnerSettings, obs_dim: int, n_actions: int, clip: float = 10.0) -> None:
         self.settings = settings
@@ -121,7 +127,9 @@ class DQNLearner:
             torch.manual_seed(settings.seed)
         self.online = QNetwork(obs_dim, n_actions, settings.hidden, clip).to(self.device)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
-        self.optimizer = _optimizer(self.online, settings, self.device)
+        graphed = settings.cuda_graph and self.device.type == "cuda"
+        self.optimizer = _optimizer(self.online, settings, self.device, capturable=graphed)
+        self.graphed_step = GraphedStep(self._step, self.device) if graphed else None
         self.counters = LearnerCounters()
         self._rng = np.random.default_rng(settings.seed)
 
@@ -130,18 +138,24 @@ class DQNLearner:
         return epsilon_at(self.counters.acting_steps, self.settings)
 
     def update(self, batch: ReplaySamples) -> UpdateStats:
+        step = self._step if self.graphed_step is None else self.graphed_step
+        out = step(batch)
+        self.counters.updates += 1
+        self._sync_target()
+        # One device-to-host transfer for all three numbers, before a graph's next replay overwrites them.
+        stats = UpdateStats(*out.tolist())
+        self.counters.last = stats
+        return stats
+
+    def _step(self, batch: ReplaySamples) -> torch.Tensor:
+        """One gradient step of the online network; (loss, mean |TD error|, mean max-Q) as one tensor."""
         s = self.settings
-        loss, td_abs, q_max = td_loss(self.online, self.target, batch, s.gamma, s.double_dqn)
         self.optimizer.zero_grad(set_to_none=True)
+        loss, td_abs, q_max = td_loss(self.online, self.target, batch, s.gamma, s.double_dqn)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.online.parameters(), s.grad_clip)
         self.optimizer.step()
-        self.counters.updates += 1
-        self._sync_target()
-        # One device-to-host transfer for all three numbers.
-        stats = UpdateStats(*torch.stack([loss.detach(), td_abs.mean(), q_max.mean()]).tolist())
-        self.counters.last = stats
-        return stats
+        return torch.stack([loss.detach(), td_abs.mean(), q_max.mean()])
 
     @torch.no_grad()
     def _sync_target(self) -> None:
@@ -150,6 +164,7 @@ class DQNLearner:
             for t, o in zip(self.target.parameters(), self.online.parameters(), strict=True):
                 t.lerp_(o, s.tau)
         elif self.counters.updates % s.target_update_interval == 0:
+            # load_state_dict copies in place: a captured update keeps reading the target's own tensors.
             self.target.load_state_dict(self.online.state_dict())
 
     def set_normalization(self, mean: np.ndarray, std: np.ndarray, clip: float) -> None:
@@ -190,22 +205,44 @@ class DQNLearner:
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.online.load_state_dict(state["online"])  # type: ignore[arg-type]
         self.target.load_state_dict(state["target"])  # type: ignore[arg-type]
-        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+        self.optimizer.load_state_dict(_with_own_flags(self.optimizer, state["optimizer"]))  # type: ignore[arg-type]
+        if self.graphed_step is not None:
+            # Loading replaced the optimizer's state tensors, which the captured graphs still point at.
+            self.graphed_step.reset()
         self.counters.updates = int(state["updates"])  # type: ignore[call-overload]
         self.counters.acting_steps = int(state["acting_steps"])  # type: ignore[call-overload]
 
 
-def _optimizer(online: QNetwork, settings: LearnerSettings, device: torch.device) -> torch.optim.Optimizer:
+def _optimizer(
+    online: QNetwork, settings: LearnerSettings, device: torch.device, *, capturable: bool
+) -> torch.optim.Optimizer:
+    options = _fast_adam(device)
+    if capturable:
+        # A CUDA graph may only capture a capturable optimizer; the fused kernel computes the same either way.
+        options["capturable"] = True
     if settings.weight_decay > 0:
         return torch.optim.AdamW(
-            online.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, **_fast_adam(device)
+            online.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, **options
         )
-    return torch.optim.Adam(online.parameters(), lr=settings.lr, **_fast_adam(device))
+    return torch.optim.Adam(online.parameters(), lr=settings.lr, **options)
 
 
 def _fast_adam(device: torch.device) -> dict[str, bool]:
     # The fused Adam kernel is the fastest step measured on this class of CPU and on CUDA.
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
+
+
+_IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def _with_own_flags(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved optimizer state with `optimizer`'s own implementation flags in place of the saver's.
+
+    Loading would otherwise adopt the saver's flags: a CPU checkpoint would make a GPU learner's
+    optimizer uncapturable (and its graph capture fail), a GPU checkpoint a CPU learner's capturable.
+    """
+    own = {k: optimizer.defaults[k] for k in _IMPLEMENTATION_FLAGS if k in optimizer.defaults}
+    return {**saved, "param_groups": [{**g, **own} for g in saved["param_groups"]]}
 
 
 class ActingPolicy:

@@ -246,3 +246,119 @@ def test_cuda_without_cuda_is_a_clear_error(name: str) -> None:
         resolve_device(name)
     with pytest.raises(ValueError, match=name):
         DQNLearner(LearnerSettings(hidden=(4,), device=name), 2, 2)
+
+
+# --- CUDA graphs -----------------------------------------------------------------------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def round_trip(state: dict[str, object]) -> dict[str, object]:
+    """A learner state as a checkpoint gives it back: saved, then loaded with weights_only."""
+    saved = io.BytesIO()
+    torch.save(state, saved)
+    saved.seek(0)
+    loaded: dict[str, object] = torch.load(saved, weights_only=True)
+    return loaded
+
+
+def assert_same_learner(a: DQNLearner, b: DQNLearner, atol: float = 0.0, rtol: float = 0.0) -> None:
+    for network in ("online", "target"):
+        for p, q in zip(params(getattr(a, network)), params(getattr(b, network)), strict=True):
+            torch.testing.assert_close(p, q, atol=atol, rtol=rtol)
+    assert a.counters.updates == b.counters.updates
+
+
+def test_cuda_graph_setting_changes_nothing_on_the_cpu() -> None:
+    settings = LearnerSettings(hidden=(8,), lr=1e-2, target_update_interval=4, device="cpu", seed=5)
+    graphed, eager = DQNLearner(settings, 2, 2), DQNLearner(replace(settings, cuda_graph=False), 2, 2)
+    assert graphed.graphed_step is None and eager.graphed_step is None
+    buffer = ReplayBuffer(64, 2, "cpu", seed=5)
+    two_state_mdp(buffer)
+    for _ in range(30):
+        batch = buffer.sample(16)
+        assert graphed.update(batch) == eager.update(batch)
+    assert_same_learner(graphed, eager)
+
+
+def test_a_checkpoint_keeps_the_loading_optimizers_own_flags() -> None:
+    # A GPU learner's checkpoint says capturable (and maybe foreach); a CPU learner must keep its fused step.
+    settings = LearnerSettings(hidden=(8,), lr=1e-2, device="cpu", seed=6)
+    original = DQNLearner(settings, 2, 2)
+    buffer = ReplayBuffer(64, 2, "cpu", seed=6)
+    two_state_mdp(buffer)
+    for _ in range(5):
+        original.update(buffer.sample(16))
+    state = original.state_dict()
+    optimizer_state: dict[str, list[dict[str, object]]] = state["optimizer"]  # type: ignore[assignment]
+    gpu_flags = {"capturable": True, "fused": None, "foreach": True}
+    groups = [{**g, **gpu_flags} for g in optimizer_state["param_groups"]]
+    state["optimizer"] = {**optimizer_state, "param_groups": groups}
+    restored = DQNLearner(settings, 2, 2)
+    restored.load_state_dict(round_trip(state))
+    group = restored.optimizer.param_groups[0]
+    assert (group["fused"], group["capturable"], group["foreach"]) == (True, False, None)
+    batch = buffer.sample(16)
+    assert original.update(batch) == restored.update(batch)
+    assert_same_learner(original, restored)
+
+
+def cuda_samples(seed: int, sizes: list[int]) -> list[ReplaySamples]:
+    buffer = ReplayBuffer(256, 2, "cuda", seed=seed)
+    two_state_mdp(buffer)
+    return [ReplaySamples(*(t.clone() for t in buffer.sample(n))) for n in sizes]
+
+
+@cuda_only
+@pytest.mark.parametrize(
+    "tau, weight_decay", [(0.0, 0.0), (0.05, 0.0), (0.0, 1e-3)], ids=["hard-copy", "polyak", "adamw"]
+)
+def test_the_cuda_graph_update_matches_the_eager_one(tau: float, weight_decay: float) -> None:
+    settings = LearnerSettings(
+        hidden=(32, 32), lr=1e-2, tau=tau, weight_decay=weight_decay, target_update_interval=7,
+        device="cuda", seed=7,
+    )
+    graphed, eager = DQNLearner(settings, 2, 2), DQNLearner(replace(settings, cuda_graph=False), 2, 2)
+    assert graphed.graphed_step is not None and eager.graphed_step is None
+    # Two batch sizes, and back: each gets its own graph, and all of them step the same optimizer state.
+    first = cuda_samples(7, [16] * 15 + [32] * 10 + [16] * 5)
+    for batch in first:
+        np.testing.assert_allclose(graphed.update(batch), eager.update(batch), rtol=1e-5, atol=1e-6)
+    assert graphed.graphed_step.captured and graphed.graphed_step.error is None
+    assert_same_learner(graphed, eager, atol=1e-6, rtol=1e-5)
+
+    # Checkpoints either way round: the graphed learner restored from an eager one captures anew.
+    from_eager, from_graphed = DQNLearner(settings, 2, 2), DQNLearner(replace(settings, seed=99), 2, 2)
+    from_eager.load_state_dict(round_trip(eager.state_dict()))
+    from_graphed.load_state_dict(round_trip(graphed.state_dict()))
+    graphed.load_state_dict(round_trip(graphed.state_dict()))  # reloading must re-capture, not go stale
+    for batch in cuda_samples(8, [16] * 25):
+        expected = eager.update(batch)
+        for learner in (graphed, from_eager, from_graphed):
+            np.testing.assert_allclose(learner.update(batch), expected, rtol=1e-5, atol=1e-6)
+    for learner in (graphed, from_eager, from_graphed):
+        assert learner.graphed_step is not None and learner.graphed_step.captured
+        assert learner.optimizer.param_groups[0]["capturable"]
+        assert_same_learner(learner, eager, atol=1e-6, rtol=1e-5)
+    assert eager.counters.updates == 55
+
+
+@cuda_only
+def test_a_failed_capture_falls_back_to_eager_updates(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_capture(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("capture refused")
+
+    monkeypatch.setattr(torch.cuda, "graph", no_capture)
+    settings = LearnerSettings(hidden=(16,), lr=1e-2, target_update_interval=5, device="cuda", seed=8)
+    graphed, eager = DQNLearner(settings, 2, 2), DQNLearner(replace(settings, cuda_graph=False), 2, 2)
+    with caplog.at_level("WARNING", logger="streamdqn.graphs"):
+        for batch in cuda_samples(9, [16] * 12 + [32] * 3):
+            np.testing.assert_allclose(graphed.update(batch), eager.update(batch), rtol=1e-5, atol=1e-6)
+    assert graphed.graphed_step is not None and not graphed.graphed_step.captured
+    assert graphed.graphed_step.error == "RuntimeError: capture refused"
+    assert [r.getMessage() for r in caplog.records if r.name == "streamdqn.graphs"] == [
+        "CUDA graph capture failed; updates run eagerly from now on: RuntimeError: capture refused"
+    ]
+    assert_same_learner(graphed, eager, atol=1e-6, rtol=1e-5)
