@@ -16,7 +16,7 @@ from typing import Any
 from streamdqn.features import RunningNormalizer
 from streamdqn.ingest import DeadLetter, Record
 from streamdqn.learner import ActingPolicy
-from streamdqn.telemetry import Reject, TelemetryEvent, decode
+from streamdqn.telemetry import Reject, TelemetryEvent, decode, parse_message, validate_records_safely
 from streamdqn.transitions import EpisodeTracker, TransitionBatch
 
 REASON_RATE_LIMITED = "rate_limited"
@@ -116,28 +116,12 @@ class IngestPipeline:
         now = time.monotonic() if now is None else now
         rejected: Counter[str] = Counter()
         problems: dict[int, list[Reject]] = {}  # record position -> its rejects
-        events: list[TelemetryEvent] = []
-        origin: list[int] = []  # record position of each event
         next_offsets: dict[int, int] = {}
-        o = self.options
-        for r_index, record in enumerate(records):
+        for record in records:
             next_offsets[record.partition] = max(next_offsets.get(record.partition, 0), record.offset + 1)
-            ct = record.header("content-type")
-            decoded = decode(record.value, ct.decode("latin-1") if ct else None,
-                             max_bytes=o.max_message_bytes, max_events=o.max_events_per_message)
-            if decoded.rejects:
-                problems[r_index] = list(decoded.rejects)
-            kept = decoded.events
-            if self.rate_limiter is not None and kept:
-                allowed = self.rate_limiter.allow(self._source_of(record, kept[0]), len(kept), now)
-                if allowed < len(kept):
-                    problems.setdefault(r_index, []).extend(
-                        Reject(i, REASON_RATE_LIMITED, "per-source event rate cap exceeded")
-                        for i in decoded.indices[allowed:]
-                    )
-                    kept = kept[:allowed]
-            events.extend(kept)
-            origin.extend([r_index] * len(kept))
+        events, origin, positions = self._decode(records, problems)
+        if self.rate_limiter is not None and events:
+            events, origin = self._rate_limit(records, events, origin, positions, problems, now)
 
         partitions = [records[i].partition for i in origin]
         observed, closing = self.tracker.observe(events, now, partitions)
@@ -173,7 +157,89 @@ class IngestPipeline:
         c.rejected.update(rejected)
         c.transitions += transitions
         c.episodes += len(returns)
-        return BatchOutcome(len(observed.events), transitions, rejected, letters, next_offsets, returns, malicious)
+        return BatchOutcome(
+            len(observed.events), transitions, rejected, letters, next_offsets, returns, malicious
+        )
+
+    def _decode(
+        self, records: Sequence[Record], problems: dict[int, list[Reject]]
+    ) -> tuple[list[TelemetryEvent], list[int], list[int]]:
+        """Parse each record, validate the whole batch in one call (pydantic's loop, not ours).
+
+        Returns the valid events in record order with, for each, its record's position in `records`
+        and its own position in that record's message; rejects go to `problems`."""
+        o = self.options
+        parsed: list[object] = []
+        owner: list[int] = []  # record position of each parsed object
+        position: list[int] = []  # its position within its message
+        for r_index, record in enumerate(records):
+            ct = record.header("content-type")
+            message = parse_message(record.value, ct.decode("latin-1") if ct else None,
+                                    max_bytes=o.max_message_bytes, max_events=o.max_events_per_message)
+            if isinstance(message, Reject):
+                problems[r_index] = [message]
+                continue
+            parsed.extend(message)
+            owner.extend([r_index] * len(message))
+            position.extend(range(len(message)))
+        decoded = validate_records_safely(parsed)
+        if decoded.rejects and decoded.rejects[0].index < 0:
+            return self._decode_each(records, problems)  # an unexpected validator failure: isolate it
+        for reject in decoded.rejects:
+            problems.setdefault(owner[reject.index], []).append(reject._replace(index=position[reject.index]))
+        return decoded.events, [owner[i] for i in decoded.indices], [position[i] for i in decoded.indices]
+
+    def _decode_each(
+        self, records: Sequence[Record], problems: dict[int, list[Reject]]
+    ) -> tuple[list[TelemetryEvent], list[int], list[int]]:
+        """One decode() per record: the slow path, so a record that breaks the validator fails alone."""
+        o = self.options
+        events: list[TelemetryEvent] = []
+        origin: list[int] = []
+        positions: list[int] = []
+        problems.clear()
+        for r_index, record in enumerate(records):
+            ct = record.header("content-type")
+            decoded = decode(record.value, ct.decode("latin-1") if ct else None,
+                             max_bytes=o.max_message_bytes, max_events=o.max_events_per_message)
+            if decoded.rejects:
+                problems[r_index] = list(decoded.rejects)
+            events.extend(decoded.events)
+            origin.extend([r_index] * len(decoded.events))
+            positions.extend(decoded.indices)
+        return events, origin, positions
+
+    def _rate_limit(
+        self,
+        records: Sequence[Record],
+        events: list[TelemetryEvent],
+        origin: list[int],
+        positions: list[int],
+        problems: dict[int, list[Reject]],
+        now: float,
+    ) -> tuple[list[TelemetryEvent], list[int]]:
+        """Cap each source's events; a record's events past its source's budget are rejected."""
+        assert self.rate_limiter is not None
+        kept: list[int] = []
+        start = 0
+        while start < len(events):  # one pass per record: its events are contiguous
+            r_index = origin[start]
+            end = start
+            while end < len(events) and origin[end] == r_index:
+                end += 1
+            source = self._source_of(records[r_index], events[start])
+            allowed = self.rate_limiter.allow(source, end - start, now)
+            kept.extend(range(start, start + allowed))
+            problems.setdefault(r_index, []).extend(
+                Reject(positions[i], REASON_RATE_LIMITED, "per-source event rate cap exceeded")
+                for i in range(start + allowed, end)
+            )
+            if not problems[r_index]:
+                del problems[r_index]
+            start = end
+        if len(kept) == len(events):
+            return events, origin
+        return [events[i] for i in kept], [origin[i] for i in kept]
 
     def drop_partitions(self, partitions: set[int]) -> int:
         return self.tracker.drop_partitions(partitions)

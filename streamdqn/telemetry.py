@@ -184,6 +184,22 @@ def _format_of(payload: bytes, content_type: str | None) -> str:
     return "json" if first in (b"{", b"[", b" ", b"\n", b"\r", b"\t") else "msgpack"
 
 
+def parse_message(
+    payload: bytes, content_type: str | None = None, *, max_bytes: int = 1 << 20, max_events: int = 10_000
+) -> list[object] | Reject:
+    """The records of one message, or the Reject of the whole message (too large, undecodable, too
+    many events). Never raises."""
+    if len(payload) > max_bytes:
+        return Reject(-1, REASON_TOO_LARGE, f"message of {len(payload)} bytes > {max_bytes}")
+    try:
+        records = parse_payload(payload, content_type)
+    except ValueError as exc:
+        return Reject(-1, REASON_DECODE, str(exc))
+    if len(records) > max_events:
+        return Reject(-1, REASON_TOO_MANY, f"{len(records)} events in one message > {max_events}")
+    return records
+
+
 def decode(
     payload: bytes,
     content_type: str | None = None,
@@ -192,14 +208,14 @@ def decode(
     max_events: int = 10_000,
 ) -> Decoded:
     """Decode and validate one message. Never raises: bad input comes back as rejects."""
-    if len(payload) > max_bytes:
-        return Decoded(rejects=[Reject(-1, REASON_TOO_LARGE, f"message of {len(payload)} bytes > {max_bytes}")])
-    try:
-        records = parse_payload(payload, content_type)
-    except ValueError as exc:
-        return Decoded(rejects=[Reject(-1, REASON_DECODE, str(exc))])
-    if len(records) > max_events:
-        return Decoded(rejects=[Reject(-1, REASON_TOO_MANY, f"{len(records)} events in one message > {max_events}")])
+    records = parse_message(payload, content_type, max_bytes=max_bytes, max_events=max_events)
+    if isinstance(records, Reject):
+        return Decoded(rejects=[records])
+    return validate_records_safely(records)
+
+
+def validate_records_safely(records: Sequence[object]) -> Decoded:
+    """`validate_records`; an unexpected validator exception rejects every record instead of raising."""
     try:
         return validate_records(records)
     except Exception as exc:  # a validator bug must not take the stream down with it
