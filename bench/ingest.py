@@ -11,9 +11,10 @@ in alternating rounds and each time with a fresh consumer group and the same fet
 
 The clock of a pass starts at its first non-empty fetch (group join excluded) and that first
 batch is not counted. A broker-free breakdown of the same payloads follows, to show where the time
-goes (and what validating a whole batch at once would buy).
+goes. The process runs with the daemon's garbage-collector settings (`streamdqn.daemon.tune_gc`),
+which apply to both sides; `--default-gc` keeps CPython's defaults, to see what they cost.
 
-    python bench/ingest.py [--smoke] [--events N] [--rounds R]
+    python bench/ingest.py [--smoke] [--events N] [--rounds R] [--default-gc]
 Target: streamdqn >= 0.5x the ceiling (aim 0.8x). The last line is one JSON object.
 """
 
@@ -36,6 +37,7 @@ from _common import Target, emit, header, ratio, report_targets, side_by_side, t
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from streamdqn.broker import EmbeddedBroker
+from streamdqn.daemon import GC_THRESHOLDS, tune_gc
 from streamdqn.features import FEATURE_DIM, RunningNormalizer
 from streamdqn.ingest import KafkaOptions, KafkaSource, Record, ensure_topics
 from streamdqn.learner import ActingPolicy, LearnerSettings
@@ -224,7 +226,7 @@ def breakdown(
         {
             "parse (msgpack/json) per record": lambda: [parse_payload(p, ct_text) for p in chunk],
             "parse + validate per record (telemetry.decode)": lambda: [decode(p, ct_text) for p in chunk],
-            "parse per record + validate per batch (what-if)": batch_validate,
+            "parse per record + validate per batch (as the pipeline does)": batch_validate,
             "IngestPipeline.process (all stages)": whole_pipeline,
         },
         rounds=rounds,
@@ -233,7 +235,7 @@ def breakdown(
     )
 
 
-async def run(n: int, rounds: int, smoke: bool) -> dict[str, object]:
+async def run(n: int, rounds: int, smoke: bool, default_gc: bool) -> dict[str, object]:
     events = simulated_events(n)
     keys = [str(e["sandbox_id"]).encode() for e in events]
     capacity = max(1024, n)
@@ -263,6 +265,8 @@ async def run(n: int, rounds: int, smoke: bool) -> dict[str, object]:
                         await source.start()
                         members.append((fmt, source))
         await wait_assigned([m for _, m in members])
+        if not default_gc:
+            tune_gc()  # as the daemon does once it has started: after startup's allocations
         passes: dict[str, dict[str, list[PassResult]]] = {
             fmt: {"ceiling": [], "streamdqn": []} for fmt in FORMATS
         }
@@ -320,6 +324,7 @@ async def run(n: int, rounds: int, smoke: bool) -> dict[str, object]:
         "events": n,
         "partitions": PARTITIONS,
         "rounds": rounds,
+        "gc": "default" if default_gc else {"frozen_at_start": True, "thresholds": list(GC_THRESHOLDS)},
         "formats": results,
         "stages_events_per_s": stages,
         "targets": verdicts,
@@ -331,12 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes for CI; targets not judged")
     parser.add_argument("--events", type=int, help="events per format (default 200000; smoke 5000)")
     parser.add_argument("--rounds", type=int, help="alternating rounds per format (default 2; smoke 1)")
+    parser.add_argument("--default-gc", action="store_true", help="keep CPython's GC thresholds (no tune_gc)")
     args = parser.parse_args(argv)
     n = args.events or (5_000 if args.smoke else 200_000)
     rounds = args.rounds or (1 if args.smoke else 2)
     torch.set_num_threads(1)  # the daemon's setting (learner.torch_threads); the acting policy runs here
     header("ingest", args.smoke, "streamdqn ingest vs the raw aiokafka ceiling, through tansu")
-    emit(asyncio.run(run(n, rounds, args.smoke)))
+    emit(asyncio.run(run(n, rounds, args.smoke, args.default_gc)))
     return 0
 
 
