@@ -151,6 +151,8 @@ class Daemon:
         self._ingest_lock = asyncio.Lock()
         self._commit_task: asyncio.Task[None] | None = None
         self._signals = 0
+        # (updates, events consumed) at the last gated or published snapshot: nothing new, nothing to export.
+        self._last_publish: tuple[int, int] | None = None
         self._returns_since_history: list[float] = []
         self.runner: LearnerRunner | None = None
         self.replay: ReplayBuffer | None = None
@@ -522,9 +524,12 @@ class Daemon:
         stats = self.runner.stats()
         if stats.updates < self.settings.publish.min_updates:
             return False
+        counters = self.pipeline.counters
+        progress = (stats.updates, counters.events_consumed)
+        if progress == self._last_publish:
+            return False  # an idle stream: the same weights would be exported and gated again
         started = time.perf_counter()
         weights, _ = self.runner.weights()
-        counters = self.pipeline.counters
         info = {
             "updates": stats.updates,
             "events_learned": counters.events_consumed,
@@ -545,6 +550,7 @@ class Daemon:
             self.health.snapshot_failures += 1
             log_event("snapshot failed", error=repr(exc)[:500])
             return False
+        self._last_publish = progress
         if not passed:
             self.health.snapshot_rejected += 1
             log_event("snapshot rejected", candidate=str(snapshot.path), reason=snapshot.manifest["evaluation"]["gate"],

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 
 from streamdqn.pull import pull
-from tests.integration.conftest import Message, consume_all, encode_events, produce, sim_events
+from tests.integration.conftest import DaemonProcess, Message, consume_all, encode_events, produce, sim_events
 
 pytestmark = pytest.mark.integration
 
@@ -167,3 +167,34 @@ def test_http_stays_responsive_under_full_speed_ingest(topics, make_daemon) -> N
     # Loose bounds on a shared 2-core machine: what matters is that the loop is never blocked for long.
     assert p95 < 0.5, f"/healthz p95 {p95:.3f}s under load"
     assert max(latencies) < 5.0, f"/healthz max {max(latencies):.3f}s under load"
+
+
+def test_an_idle_stream_exports_nothing_new(live_daemon: DaemonProcess) -> None:
+    """Once nothing new is consumed or learned, publish intervals neither export nor gate the same
+    weights again: the snapshot version and the gate's refusals stay where they are."""
+    d = live_daemon
+
+    def progress() -> tuple[float, float]:
+        m = d.metrics()
+        return m["streamdqn_learner_updates_total"], m["streamdqn_events_consumed_total"]
+
+    interval = 3.0  # write_config's publish.interval_seconds
+    previous, deadline = progress(), time.monotonic() + 90
+    while True:  # until the learner has caught up with what was consumed
+        time.sleep(interval + 1)
+        current = progress()
+        if current == previous:
+            break
+        previous = current
+        assert time.monotonic() < deadline, "the learner never went idle"
+    time.sleep(interval + 1)  # a publish that started before the last check has finished
+
+    def published() -> tuple[float, float, float]:
+        m = d.metrics()
+        return (m["streamdqn_snapshot_version"], m["streamdqn_snapshot_rejected_total"],
+                m["streamdqn_snapshot_published_timestamp_seconds"])
+
+    before = published()
+    time.sleep(2 * interval + 1)
+    assert progress() == previous
+    assert published() == before
