@@ -12,6 +12,7 @@ crash the events since the last checkpoint are read again: nothing lost, nothing
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -124,6 +125,14 @@ class _Health:
     fatal: int | None = None
 
 
+class DeadLettersPending(Exception):
+    """A stop was requested while dead letters still waited for the broker."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} dead letters unacknowledged")
+        self.count = count
+
+
 class Daemon:
     """`streamdqn run`: settings in, exit code out."""
 
@@ -153,6 +162,7 @@ class Daemon:
         self._signals = 0
         # (updates, events consumed) at the last gated or published snapshot: nothing new, nothing to export.
         self._last_publish: tuple[int, int] | None = None
+        self._resume_from_last_checkpoint = False  # set when stopping left a batch unacknowledged
         self._returns_since_history: list[float] = []
         self.runner: LearnerRunner | None = None
         self.replay: ReplayBuffer | None = None
@@ -301,6 +311,8 @@ class Daemon:
         for task in tasks[1:]:
             task.cancel()
         await asyncio.gather(*tasks[1:], return_exceptions=True)
+        if self._resume_from_last_checkpoint:
+            return
         await self.checkpoint(final=True)
         await self.publish(final=True)
 
@@ -363,7 +375,15 @@ class Daemon:
             async with self._ingest_lock:
                 started = time.perf_counter()
                 outcome = self.pipeline.process(records)
-                await self._dead_letter(outcome.dead_letters)
+                try:
+                    await self._dead_letter(outcome.dead_letters)
+                except DeadLettersPending as pending:
+                    # The batch is in the learner's replay but not acknowledged: the last periodic
+                    # checkpoint stays the one to resume from, and a restart reads the batch again.
+                    self._resume_from_last_checkpoint = True
+                    log_event("stopping with dead letters unacknowledged", records=pending.count,
+                              note="final checkpoint skipped; the batch is read again after a restart")
+                    return
                 self.pipeline.counters.dead_lettered += len(outcome.dead_letters)
                 self.offsets.update(outcome.next_offsets)
                 self.runner.note_inserted(self.pipeline.counters.transitions)
@@ -380,17 +400,26 @@ class Daemon:
         return wanted > self.settings.learner.max_lag_ratio * max(done, 1)
 
     async def _dead_letter(self, letters: list[DeadLetter]) -> None:
-        """A bad record counts as done only once its dead letter is acknowledged: retry until it is."""
+        """A bad record counts as done only once its dead letter is acknowledged: retry until it is.
+
+        Once a stop is requested, one last attempt is bounded by BROKER_CALL_TIMEOUT_SECONDS; if it
+        fails, DeadLettersPending tells the ingest loop to leave the batch unacknowledged.
+        """
         assert self.source is not None
         delay = 0.5
         while letters:
+            stopping = self.stop_event.is_set()
             try:
-                await self.source.dead_letter(letters)
+                write = self.source.dead_letter(letters)
+                await (asyncio.wait_for(write, BROKER_CALL_TIMEOUT_SECONDS) if stopping else write)
                 return
             except Exception as exc:
+                if stopping:
+                    raise DeadLettersPending(len(letters)) from exc
                 log_event("dead-letter write failed", error=repr(exc)[:300], records=len(letters),
                           retry_in_seconds=delay)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), delay)  # a stop cuts the wait short
                 delay = min(delay * 2, 10.0)
 
     async def _every(self, interval: float, action: Callable[[], Any]) -> None:
@@ -464,6 +493,8 @@ class Daemon:
         started = time.perf_counter()
         try:
             async with self._ingest_lock:
+                if self._resume_from_last_checkpoint:
+                    return False  # the state holds a batch whose offsets must not be saved as done
                 state: dict[str, Any] = {
                     "pipeline": self.pipeline.state_dict(),
                     "offsets": {str(p): o for p, o in self.offsets.items()},

@@ -1,0 +1,89 @@
+"""A stop while dead letters wait for an unreachable broker: the daemon stops within its timeout and
+leaves the unacknowledged batch to be read again, so nothing is lost and nothing is counted twice.
+
+The daemon runs in-process on real telemetry bytes over an in-memory record source whose dead-letter
+writes fail, as they do while the broker is down (a real broker cannot be taken down between a fetch
+and its dead-letter write on cue; the broker outages themselves are in tests/integration/test_faults.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from streamdqn.checkpoints import CheckpointStore
+from streamdqn.config import load_settings
+from streamdqn.daemon import EXIT_OK, Daemon
+from streamdqn.ingest import DeadLetter, MemorySource, Record
+from tests.factories import event_dict
+
+
+class DeadLetterBrokerDown(MemorySource):
+    """Telemetry arrives, but no dead-letter write is ever acknowledged."""
+
+    def __init__(self, records: Sequence[Record]) -> None:
+        super().__init__(records)
+        self.attempts = 0
+
+    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        self.attempts += 1
+        await asyncio.sleep(0.05)
+        raise ConnectionError("broker unreachable")
+
+
+def records(first: int, count: int, *, bad: bool = False) -> list[Record]:
+    out = []
+    for offset in range(first, first + count):
+        event = event_dict(episode_id=offset // 10, step=offset % 10, sandbox_id=f"s{offset // 10}")
+        value = b"{broken" if bad else json.dumps(event).encode()
+        out.append(Record("telemetry", 0, offset, value))
+    return out
+
+
+def test_stop_with_dead_letters_pending_resumes_from_the_last_checkpoint(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        state={"dir": tmp_path / "state"},
+        http={"port": 0},
+        learner={"mode": "thread", "hidden": [16], "device": "cpu"},
+        replay={"capacity": 10_000, "min_size": 10},
+        checkpoint={"interval_seconds": 0.2},
+        publish={"interval_seconds": 3600},
+        lifecycle={"stop_timeout_seconds": 10},
+    )
+    source = DeadLetterBrokerDown(records(0, 40))
+
+    async def scenario() -> tuple[int, float]:
+        daemon = Daemon(settings, source)
+        serving = asyncio.create_task(daemon.serve())
+        checkpoints = CheckpointStore(tmp_path / "state" / "checkpoints")
+        deadline = time.monotonic() + 30
+        while not _offset_in_checkpoint(checkpoints, 40):  # the good records are checkpointed
+            assert time.monotonic() < deadline, "no checkpoint of the first 40 records"
+            await asyncio.sleep(0.05)
+        source.add(records(40, 5, bad=True))
+        while source.attempts < 2:  # their dead letters are being retried
+            assert time.monotonic() < deadline, "dead letters were never tried"
+            await asyncio.sleep(0.05)
+        daemon.stop_event.set()
+        started = time.monotonic()
+        code = await asyncio.wait_for(serving, 20)
+        return code, time.monotonic() - started
+
+    code, seconds = asyncio.run(scenario())
+    assert code == EXIT_OK
+    assert seconds < 10  # BROKER_CALL_TIMEOUT_SECONDS bounds the last attempt, not the retry loop
+    latest = CheckpointStore(tmp_path / "state" / "checkpoints").load_latest()
+    assert latest is not None
+    state = latest.state
+    assert state["offsets"] == {"0": 40}  # the bad batch is read again after a restart
+    assert state["pipeline"]["counters"]["records"] == 40
+    assert not state["pipeline"]["counters"]["rejected"]  # and its rejects were never counted
+
+
+def _offset_in_checkpoint(checkpoints: CheckpointStore, offset: int) -> bool:
+    latest = checkpoints.load_latest()
+    return latest is not None and latest.state["offsets"].get("0") == offset
