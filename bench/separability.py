@@ -101,7 +101,9 @@ def fit(
     return best[1]
 
 
-def accuracy_by_step(train: list[EpisodeData], test: list[EpisodeData], steps: int) -> dict[str, dict[int, float]]:
+def accuracy_by_step(
+    train: list[EpisodeData], test: list[EpisodeData], steps: int,
+) -> dict[str, dict[int, float]]:
     x, y, _ = rows(train)
     xt, yt, pt = rows(test)
     scale = Scaler(x)
@@ -122,10 +124,12 @@ def accuracy_by_step(train: list[EpisodeData], test: list[EpisodeData], steps: i
 
 
 def class_rewards(rewards: RewardTable) -> np.ndarray:
-    """[4 classes, 4 responses]: the reward of each response for benign and each severity third's centre."""
+    """[4 classes, 4 responses]: the reward of each response for benign and for the centre of each
+    severity third."""
     responses = np.arange(1, len(Action))
     table = [rewards.rewards(responses, np.zeros(4, bool), np.zeros(4), np.zeros(4, bool))]
-    table += [rewards.rewards(responses, np.ones(4, bool), np.full(4, s), np.zeros(4, bool)) for s in _CLASS_SEVERITY]
+    table += [rewards.rewards(responses, np.ones(4, bool), np.full(4, s), np.zeros(4, bool))
+              for s in _CLASS_SEVERITY]
     return np.array(table)
 
 
@@ -155,23 +159,30 @@ def supervised_reference(
         p_train = torch.softmax(model(scale(train_batch.features)), 1).double().numpy()
         p_eval = torch.softmax(model(scale(eval_batch.features)), 1).double().numpy()
     grid = np.linspace(-0.5, 1.0, 61)
-    scores = [replay(expected_reward_policy(p_train, table, t), train_batch, rewards).returns.mean() for t in grid]
+    scores = [replay(expected_reward_policy(p_train, table, t), train_batch, rewards).returns.mean()
+              for t in grid]
     threshold = float(grid[int(np.argmax(scores))])
     ours = float(replay(expected_reward_policy(p_eval, table, threshold), eval_batch, rewards).returns.mean())
     logistic = float(replay(fit_logistic_baseline(fit_split, rewards, seed)(eval_batch.features), eval_batch,
                             rewards).returns.mean())
-    oracle = float(replay(oracle_policy(evaluation, rewards)(eval_batch.features), eval_batch, rewards).returns.mean())
+    oracle = float(replay(oracle_policy(evaluation, rewards)(eval_batch.features), eval_batch,
+                          rewards).returns.mean())
     gap = (ours - logistic) / (oracle - logistic)
     print()
-    print(f"supervised policy reference (MLP 128-128, {kept} steps kept by early stopping, threshold {threshold:+.3f})")
-    print(f"  mean return {ours:+.4f}   logistic {logistic:+.4f}   oracle {oracle:+.4f}   gap closed {gap:.3f}")
+    print(f"supervised policy reference (MLP 128-128, {kept} steps kept by early stopping, "
+          f"threshold {threshold:+.3f})")
+    print(f"  mean return {ours:+.4f}   logistic {logistic:+.4f}   oracle {oracle:+.4f}   "
+          f"gap closed {gap:.3f}")
     print(f"  the quality target's bar (half the gap): {logistic + 0.5 * (oracle - logistic):+.4f}")
-    return {"supervised_mean_return": round(ours, 4), "logistic": round(logistic, 4), "oracle": round(oracle, 4),
-            "supervised_gap_closed": round(gap, 4), "threshold": threshold, "classifier_steps": kept}
+    return {"supervised_mean_return": round(ours, 4), "logistic": round(logistic, 4),
+            "oracle": round(oracle, 4), "supervised_gap_closed": round(gap, 4), "threshold": threshold,
+            "classifier_steps": kept}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes for CI")
     args = parser.parse_args(argv)
     sizes = (60, 100, 200) if args.smoke else (1000, 2000, 3000)

@@ -9,10 +9,10 @@ on 2 cores: a learner thread beside a busy asyncio ingest loop keeps ~0.1x of it
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -28,7 +28,8 @@ from streamdqn.replay import ReplayBuffer
 log = logging.getLogger(__name__)
 
 # Layout of the shared control vector (float64).
-_INSERTED, _STOP, _UPDATES, _LOSS, _TD, _QMAX, _HEARTBEAT, _WEIGHTS_VERSION, _NORM_VERSION, _FAILED = range(10)
+(_INSERTED, _STOP, _UPDATES, _LOSS, _TD, _QMAX, _HEARTBEAT, _WEIGHTS_VERSION, _NORM_VERSION,
+ _FAILED) = range(10)
 _CONTROL_LEN = 10
 
 
@@ -111,7 +112,8 @@ def _learn(
                 # Clones: pickling a live tensor would move the learner's own storage into shared memory.
                 requests.send(_clone(learner.state_dict()))
         updates = learner.counters.updates
-        budget_left = options.updates_per_transition <= 0 or updates < options.updates_per_transition * c[_INSERTED]
+        budget_left = (options.updates_per_transition <= 0
+                       or updates < options.updates_per_transition * c[_INSERTED])
         if len(buffer) < options.min_size or not budget_left:
             time.sleep(0.002)
             continue
@@ -152,7 +154,8 @@ class _RunnerBase:
 
     def stats(self) -> LearnerStats:
         c = self._shared.control.tolist()
-        return LearnerStats(int(c[_UPDATES]), c[_LOSS], c[_TD], c[_QMAX], c[_HEARTBEAT], int(c[_WEIGHTS_VERSION]))
+        return LearnerStats(int(c[_UPDATES]), c[_LOSS], c[_TD], c[_QMAX], c[_HEARTBEAT],
+                            int(c[_WEIGHTS_VERSION]))
 
     def note_inserted(self, total: int) -> None:
         self._shared.control[_INSERTED] = float(total)
@@ -174,7 +177,8 @@ class ThreadRunner(_RunnerBase):
     """Updates in a thread of the daemon process (simple; shares the GIL with ingest)."""
 
     def __init__(self, learner: DQNLearner, buffer: ReplayBuffer, options: RunnerOptions) -> None:
-        super().__init__(SharedState(learner.online.state_dict(), options.obs_dim, shared=False), threading.Lock())
+        super().__init__(SharedState(learner.online.state_dict(), options.obs_dim, shared=False),
+                         threading.Lock())
         self.learner = learner
         self.buffer = buffer
         self.options = options
@@ -232,7 +236,8 @@ def _process_main(
         learner.load_state_dict(state)
     try:
         # If the daemon was SIGKILLed nobody will stop us: notice being orphaned and exit.
-        _learn(learner, buffer, shared, lock, options, requests, threading.Lock(), lambda: os.getppid() != parent)
+        _learn(learner, buffer, shared, lock, options, requests, threading.Lock(),
+               lambda: os.getppid() != parent)
     except BaseException:
         shared.control[_FAILED] = 1
         raise
@@ -274,8 +279,8 @@ class ProcessRunner(_RunnerBase):
     def start(self) -> None:
         self._process = self._ctx.Process(
             target=_process_main,
-            args=(self.settings, self.state, self.buffer, self._shared, self._lock, self.options, self._child_conn,
-                  os.getpid()),
+            args=(self.settings, self.state, self.buffer, self._shared, self._lock, self.options,
+                  self._child_conn, os.getpid()),
             name="streamdqn-learner",
             daemon=True,
         )

@@ -79,14 +79,16 @@ class EmbeddedBroker:
                    "--storage-engine", "memory://tansu/"]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
-            self._process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self._process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL)
         finally:
             if self.log_file:
                 out.close()  # type: ignore[union-attr]
         if not wait_for_port(self.host, self.port, timeout):
             code = self._process.poll()
             self.stop()
-            raise BrokerError(f"tansu did not start listening on {url} within {timeout:.0f}s (exit code {code})")
+            raise BrokerError(f"tansu did not start listening on {url} within {timeout:.0f}s "
+                              f"(exit code {code})")
         return self
 
     def suspend(self) -> None:
@@ -113,5 +115,7 @@ class EmbeddedBroker:
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

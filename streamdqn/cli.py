@@ -17,8 +17,10 @@ def _simulate(args: argparse.Namespace) -> int:
     from streamdqn.simulator import format_for_path, simulate, write_events
 
     fmt = args.format or format_for_path(args.out)
-    count = write_events(args.out, simulate(args.episodes, args.seed, malicious_fraction=args.malicious_fraction,
-                                            sandboxes=args.sandboxes), fmt=fmt)
+    count = write_events(args.out,
+                         simulate(args.episodes, args.seed, malicious_fraction=args.malicious_fraction,
+                                  sandboxes=args.sandboxes),
+                         fmt=fmt)
     print(f"wrote {count} events of {args.episodes} episodes to {args.out} ({fmt})")
     return 0
 
@@ -40,8 +42,10 @@ def _train(args: argparse.Namespace) -> int:
     _, returns, _ = train(args.events, args.episodes, state_dir=args.state_dir, seed=args.seed,
                           progress=not args.quiet, **hyper)
     last = returns[-min(100, len(returns)):]
-    print(f"trained {len(returns)} episodes; mean return of the last {len(last)}: {sum(last) / len(last):+.3f}")
-    print(f"checkpoints: {args.state_dir / 'checkpoints'}  snapshot: {args.state_dir / 'snapshots' / 'latest'}  "
+    print(f"trained {len(returns)} episodes; mean return of the last {len(last)}: "
+          f"{sum(last) / len(last):+.3f}")
+    print(f"checkpoints: {args.state_dir / 'checkpoints'}  "
+          f"snapshot: {args.state_dir / 'snapshots' / 'latest'}  "
           f"curves: {args.state_dir / 'report.png'}")
     return 0
 
@@ -105,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="write simulated sandbox telemetry to a file")
     p.add_argument("--episodes", type=int, default=1000, help="number of detonations (default 1000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="output file (.jsonl: JSON Lines, .json: JSON array)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output file (.jsonl: JSON Lines, .json: JSON array)")
     p.add_argument("--format", choices=["jsonl", "json"], help="override the format implied by --out")
     p.add_argument("--malicious-fraction", type=float, default=0.5)
     p.add_argument("--sandboxes", type=int, default=8)
@@ -138,14 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("run", help="the online-learning daemon: Kafka in, ONNX snapshots and metrics out")
-    p.add_argument("--config", type=Path, help="TOML config file; STREAMDQN_* environment variables override it")
+    p.add_argument("--config", type=Path,
+                   help="TOML config file; STREAMDQN_* environment variables override it")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("demo", help="embedded broker + simulated sandboxes + the daemon, in one command")
     p.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
     p.add_argument("--rate", type=float, default=500.0, help="simulated events per second (default 500)")
     p.add_argument("--state-dir", type=Path, default=Path("state-demo"))
-    p.add_argument("--port", type=int, default=8765, help="HTTP port for /metrics and /snapshots (0: any free)")
+    p.add_argument("--port", type=int, default=8765,
+                   help="HTTP port for /metrics and /snapshots (0: any free)")
     p.add_argument("--publish-interval", type=float, default=15.0, help="seconds between snapshots")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="only warnings and the summary")

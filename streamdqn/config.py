@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from streamdqn.errors import ConfigError
 
@@ -30,7 +35,8 @@ class KafkaSettings(Section):
     topic: str = "sandbox-telemetry"
     group_id: str = "streamdqn"
     dlq_topic: str = "sandbox-telemetry-dlq"
-    """Dead-letter topic for undecodable or invalid records; empty disables (bad records are then only counted)."""
+    """Dead-letter topic for undecodable or invalid records; empty disables (bad records are then only
+    counted)."""
     snapshot_topic: str = "streamdqn-snapshots"
     """Topic on which each published snapshot is announced; empty disables."""
     client_id: str = "streamdqn"

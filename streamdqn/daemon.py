@@ -176,7 +176,8 @@ class Daemon:
         checkpoint = self.checkpoints.load_latest()
         state = checkpoint.state if checkpoint else None
         lock = ProcessRunner.make_lock() if self.process_mode else None
-        self.replay = ReplayBuffer(s.replay.capacity, FEATURE_DIM, self.device, shared=self.process_mode, lock=lock)
+        self.replay = ReplayBuffer(s.replay.capacity, FEATURE_DIM, self.device, shared=self.process_mode,
+                                   lock=lock)
         learner = DQNLearner(self.learner_settings, FEATURE_DIM, len(Action), clip=s.episodes.feature_clip)
         policy = ActingPolicy(self.learner_settings, FEATURE_DIM, len(Action), clip=s.episodes.feature_clip)
         tracker = EpisodeTracker(self.rewards, idle_timeout=s.episodes.idle_timeout_seconds,
@@ -198,8 +199,9 @@ class Daemon:
             if "replay" in state:
                 self.replay.load_state_dict(state["replay"])
             self.offsets.update({int(p): int(o) for p, o in state["offsets"].items()})
-            log_event("checkpoint restored", path=str(checkpoint.path), offsets=self.offsets,  # type: ignore[union-attr]
-                      events_consumed=self.pipeline.counters.events_consumed, updates=learner.counters.updates)
+            log_event("checkpoint restored", path=str(checkpoint.path),  # type: ignore[union-attr]
+                      offsets=self.offsets, events_consumed=self.pipeline.counters.events_consumed,
+                      updates=learner.counters.updates)
         policy.load_weights(learner.online.state_dict(), -1)
         n = self.pipeline.normalizer
         learner.set_normalization(n.mean, n.std, n.clip)
@@ -271,7 +273,8 @@ class Daemon:
             tasks = [
                 asyncio.create_task(self._ingest_loop(), name="ingest"),
                 asyncio.create_task(self._every(s.publish.interval_seconds, self.publish), name="publish"),
-                asyncio.create_task(self._every(s.checkpoint.interval_seconds, self.checkpoint), name="checkpoint"),
+                asyncio.create_task(self._every(s.checkpoint.interval_seconds, self.checkpoint),
+                                    name="checkpoint"),
                 asyncio.create_task(self._housekeeping(), name="housekeeping"),
             ]
             stop_wait = asyncio.create_task(self.stop_event.wait())
@@ -290,7 +293,7 @@ class Daemon:
             self.notifier.stopping()
             try:
                 await asyncio.wait_for(self._shutdown(tasks), timeout=s.lifecycle.stop_timeout_seconds)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.error("shutdown took longer than %.0fs; exiting without finishing it",
                           s.lifecycle.stop_timeout_seconds)
                 return EXIT_FAILURE
@@ -334,10 +337,8 @@ class Daemon:
             except Exception as exc:
                 log_event("broker unreachable", bootstrap_servers=s.kafka.bootstrap_servers,
                           error=repr(exc)[:300], retry_in_seconds=delay)
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
-                except asyncio.TimeoutError:
-                    pass
                 delay = min(delay * 2, s.lifecycle.broker_retry_max_seconds)
                 continue
             self.source = source
@@ -464,7 +465,8 @@ class Daemon:
                     self.pipeline.counters.episodes += len(expired.episode_returns)
             stalled = self._stalled(now)
             if stalled:
-                log.error("no progress for %.0fs while %d events wait (lag); exiting with code %d for a restart",
+                log.error("no progress for %.0fs while %d events wait (lag); "
+                          "exiting with code %d for a restart",
                           s.lifecycle.progress_timeout_seconds, sum(self._lag().values()), EXIT_STALLED)
                 self.health.fatal = EXIT_STALLED
                 return
@@ -584,8 +586,8 @@ class Daemon:
         self._last_publish = progress
         if not passed:
             self.health.snapshot_rejected += 1
-            log_event("snapshot rejected", candidate=str(snapshot.path), reason=snapshot.manifest["evaluation"]["gate"],
-                      updates=stats.updates, final=final)
+            log_event("snapshot rejected", candidate=str(snapshot.path),
+                      reason=snapshot.manifest["evaluation"]["gate"], updates=stats.updates, final=final)
             return False
         seconds = time.perf_counter() - started
         self.metrics.snapshot_export_seconds.observe(seconds)
@@ -596,7 +598,9 @@ class Daemon:
         await self._announce(snapshot.version, snapshot.manifest["sha256"])
         return True
 
-    def _export(self, weights: dict[str, torch.Tensor], info: dict[str, Any], held_out: list[Any]) -> tuple[Any, bool]:
+    def _export(
+        self, weights: dict[str, torch.Tensor], info: dict[str, Any], held_out: list[Any]
+    ) -> tuple[Any, bool]:
         """Gate, export, check and publish (in a worker thread). Returns (snapshot, passed the gate)."""
         q = QNetwork(FEATURE_DIM, len(Action), self.learner_settings.hidden)
         q.load_state_dict(weights)

@@ -71,7 +71,8 @@ async def run_demo(duration: float, rate: float, state_dir: Path, http_port: int
         daemon = Daemon(settings)
         serve = asyncio.create_task(daemon.serve())
         stop_producing = asyncio.Event()
-        producer = asyncio.create_task(produce_live(broker.bootstrap_servers, k.topic, rate, seed, stop_producing))
+        producer = asyncio.create_task(produce_live(broker.bootstrap_servers, k.topic, rate, seed,
+                                                    stop_producing))
         while daemon.http_port is None and not serve.done():
             await asyncio.sleep(0.1)
         base = f"http://{settings.http.host}:{daemon.http_port}"

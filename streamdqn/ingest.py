@@ -8,6 +8,7 @@ Only this module imports aiokafka.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -314,7 +315,8 @@ class KafkaSource:
             if len(value) > DLQ_MAX_VALUE_BYTES:
                 headers.append(("streamdqn-truncated-from", str(len(value)).encode()))
                 value = value[:DLQ_MAX_VALUE_BYTES]
-            futures.append(await self._producer.send(self.options.dlq_topic, value, key=r.key, headers=headers))
+            futures.append(await self._producer.send(self.options.dlq_topic, value, key=r.key,
+                                                     headers=headers))
         await asyncio.gather(*futures)
 
     async def announce(self, payload: bytes) -> None:
@@ -328,7 +330,7 @@ class KafkaSource:
         try:
             await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout=5)
             return True
-        except (KafkaError, asyncio.TimeoutError, OSError):
+        except (KafkaError, TimeoutError, OSError):
             return False
 
 
@@ -342,10 +344,8 @@ async def ensure_topics(options: KafkaOptions, topics: dict[str, int]) -> None:
         existing = set(await admin.list_topics())
         new = [NewTopic(name, parts, 1) for name, parts in topics.items() if name and name not in existing]
         if new:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass
     finally:
         await admin.close()
 

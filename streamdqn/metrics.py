@@ -56,7 +56,8 @@ class _SnapshotCollector(Collector):
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"streamdqn_{name}", doc, value=value)
 
-        yield counter("events_consumed", "Valid telemetry events ingested (events, not messages).", s.events_consumed)
+        yield counter("events_consumed", "Valid telemetry events ingested (events, not messages).",
+                      s.events_consumed)
         rejected = CounterMetricFamily("streamdqn_events_rejected", "Bad events and undecodable messages.",
                                        labels=["reason"])
         for reason, n in sorted(s.rejected.items()):
@@ -66,7 +67,8 @@ class _SnapshotCollector(Collector):
         yield counter("transitions", "RL transitions pushed to the replay buffer.", s.transitions)
         yield counter("episodes", "Episodes finished.", s.episodes)
         yield counter("learner_updates", "DQN gradient updates.", s.updates)
-        yield counter("snapshot_rejected", "Candidate snapshots refused by the publish gate.", s.snapshot_rejected)
+        yield counter("snapshot_rejected", "Candidate snapshots refused by the publish gate.",
+                      s.snapshot_rejected)
         yield counter("snapshot_failures", "Snapshot exports or publishes that failed.", s.snapshot_failures)
         yield counter("checkpoint_failures", "Checkpoint writes that failed.", s.checkpoint_failures)
         yield gauge("replay_size", "Transitions in the replay buffer.", s.replay_size)
@@ -83,8 +85,8 @@ class _SnapshotCollector(Collector):
             lag.add_metric([str(partition)], value)
         yield lag
         yield gauge("snapshot_version", "Version of the latest published snapshot.", s.snapshot_version)
-        yield gauge("snapshot_published_timestamp_seconds", "When the latest snapshot was published (epoch s).",
-                    s.snapshot_published)
+        yield gauge("snapshot_published_timestamp_seconds",
+                    "When the latest snapshot was published (epoch s).", s.snapshot_published)
         yield gauge("event_loop_lag_seconds", "How late the event loop ran a 0.5 s timer, last measurement.",
                     s.event_loop_lag)
         yield gauge("broker_connected", "1 when the Kafka broker answered the last metadata request.",
@@ -99,7 +101,9 @@ class _SnapshotCollector(Collector):
 class DaemonMetrics:
     """The daemon's metrics on its own registry (never the global one)."""
 
-    def __init__(self, read: Callable[[], MetricsSnapshot], registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, read: Callable[[], MetricsSnapshot], registry: CollectorRegistry | None = None
+    ) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.registry.register(_SnapshotCollector(read))
         self.episode_return = Histogram(

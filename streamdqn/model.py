@@ -16,7 +16,9 @@ class QNetwork(nn.Module):
     exported ONNX graph all apply exactly the same normalization.
     """
 
-    def __init__(self, obs_dim: int, n_actions: int, hidden: Sequence[int] = (256, 256), clip: float = 10.0) -> None:
+    def __init__(
+        self, obs_dim: int, n_actions: int, hidden: Sequence[int] = (256, 256), clip: float = 10.0
+    ) -> None:
         super().__init__()
         self.obs_dim = obs_dim
         self.n_actions = n_actions

@@ -88,7 +88,8 @@ def split_hyperparameters(hyperparameters: dict[str, Any]) -> tuple[LearnerSetti
 
 
 def load_episodes(telemetry_file: Path | None, seed: int) -> tuple[list[EpisodeData], int]:
-    """Episodes of a telemetry file, or of 1,000 simulated ones when no file is given; and the reject count."""
+    """Episodes of a telemetry file, or of 1,000 simulated ones when no file is given; and the reject
+    count."""
     if telemetry_file is None:
         from streamdqn.simulator import simulate, write_events
 
@@ -104,7 +105,9 @@ def load_episodes(telemetry_file: Path | None, seed: int) -> tuple[list[EpisodeD
     return episodes, len(decoded.rejects)
 
 
-def snapshot_info(agent: Agent, events: int, transitions: int, evaluation: dict[str, Any] | None) -> dict[str, Any]:
+def snapshot_info(
+    agent: Agent, events: int, transitions: int, evaluation: dict[str, Any] | None
+) -> dict[str, Any]:
     """What a manifest says about the policy besides the model file itself."""
     spec = FeatureSpec()
     return {
@@ -143,7 +146,8 @@ def train(
     checkpoints go to state_dir/checkpoints and the final ONNX snapshot to state_dir/snapshots.
     """
     if feature_dim != FEATURE_DIM:
-        raise ConfigError(f"feature_dim must be {FEATURE_DIM} (the feature spec's dimension), got {feature_dim}")
+        raise ConfigError(f"feature_dim must be {FEATURE_DIM} (the feature spec's dimension), "
+                          f"got {feature_dim}")
     if action_dim != len(Action):
         raise ConfigError(f"action_dim must be {len(Action)} ({', '.join(ACTION_NAMES)}), got {action_dim}")
     hyperparameters.setdefault("seed", seed)
@@ -223,7 +227,8 @@ def train(
     if state_dir:
         snapshot = publish_final_snapshot(agent, episodes, Path(state_dir), events_seen, buffer.total_pushed)
         append_history(Path(state_dir), HistoryPoint(time.time(), events_seen, learner.counters.updates,
-                                                     float("nan"), float("nan"), learner.epsilon, snapshot.version))
+                                                     float("nan"), float("nan"), learner.epsilon,
+                                                     snapshot.version))
         plot_report(Path(state_dir), Path(state_dir) / "report.png")
     return agent, episode_returns, episode_losses
 
@@ -233,7 +238,7 @@ def calibrate_ignore_margin(
 ) -> tuple[float, float]:
     """Pick the bias added to Q(ignore) that maximizes mean return on `episodes`, and set it.
 
-    Responding is final while waiting is not, and a benign episode offers 8–30 chances for a small
+    Responding is final while waiting is not, and a benign episode offers 8-30 chances for a small
     Q error to trigger a false positive; one calibrated margin counters that. Returns (margin, return).
     """
     from streamdqn.evaluate import EpisodeBatch, metrics_of, replay

@@ -241,7 +241,8 @@ class EpisodeTracker:
         for i, event in enumerate(events):
             key = event.episode_key
             if key in self._closed:
-                rejects.append(Reject(i, REASON_EPISODE_CLOSED, f"episode {key[1]} of {key[0]} already ended"))
+                rejects.append(Reject(i, REASON_EPISODE_CLOSED,
+                                      f"episode {key[1]} of {key[0]} already ended"))
                 continue
             episode = self._open.get(key)
             if episode is not None and episode.final_seen:
@@ -263,7 +264,8 @@ class EpisodeTracker:
             if event.step <= episode.last_step:
                 reason = REASON_DUPLICATE if event.step == episode.last_step else REASON_OUT_OF_ORDER
                 rejects.append(
-                    Reject(i, reason, f"step: {event.step} after step {episode.last_step} of episode {key[1]}")
+                    Reject(i, reason,
+                           f"step: {event.step} after step {episode.last_step} of episode {key[1]}")
                 )
                 continue
             episode.last_step = event.step
@@ -330,7 +332,8 @@ class EpisodeTracker:
             if episode.pending is not None and alive[first]:
                 p = episode.pending
                 r = self._reward_of(p, final=False)
-                out.add(p.state[None], np.array([p.action]), np.array([r]), feats[first][None], np.array([False]))
+                out.add(p.state[None], np.array([p.action]), np.array([r]), feats[first][None],
+                        np.array([False]))
                 episode.episode_return += r
                 episode.pending = None
 
@@ -353,7 +356,7 @@ class EpisodeTracker:
                 )
             if (alive[starts[g] : last + 1] & responds[starts[g] : last + 1]).any():
                 episode.responded = True
-            if episode.final_seen or episode.responded:
+            if episode.final_seen or episode.responded:  # noqa: SIM102
                 if episode.final_seen:
                     self._close(episode, out)
                 # A responded episode stays open (its later events are consumed but ignored) until final.
@@ -416,7 +419,8 @@ class EpisodeTracker:
             episode.pending = None
         if episode.holdout:
             if episode.complete and episode.rows:
-                self.holdout.append(HeldOutEpisode(np.concatenate(episode.rows), episode.malicious, episode.severity))
+                self.holdout.append(HeldOutEpisode(np.concatenate(episode.rows), episode.malicious,
+                                                   episode.severity))
         else:
             out.returns.append(episode.episode_return)
             out.malicious.append(episode.malicious)
@@ -448,12 +452,14 @@ class EpisodeTracker:
 
     def load_state_dict(self, state: dict[str, object], now: float) -> None:
         self._open.clear()
-        for key, partition, carry, last_step, responded, final_seen, pending, ret, mal, sev in state["episodes"]:  # type: ignore[attr-defined]
+        for (key, partition, carry, last_step, responded, final_seen, pending, ret, mal,
+             sev) in state["episodes"]:  # type: ignore[attr-defined]
             k = (key[0], key[1])
             holdout = self._is_holdout(k)
             e = _Episode(key=k, partition=partition, carry=np.asarray(carry, dtype=np.float64),
                          last_step=last_step, last_seen=now, responded=responded, final_seen=final_seen,
-                         episode_return=ret, malicious=mal, severity=sev, holdout=holdout, complete=not holdout)
+                         episode_return=ret, malicious=mal, severity=sev, holdout=holdout,
+                         complete=not holdout)
             if pending is not None:
                 e.pending = _Pending(np.asarray(pending[0], dtype=np.float32), pending[1], pending[2],
                                      pending[3], pending[4])
@@ -487,7 +493,8 @@ def split_episodes(events: Sequence[TelemetryEvent]) -> list[EpisodeData]:
     for (sandbox, episode), steps in by_key.items():
         ordered = [steps[k] for k in sorted(steps)]
         step = np.array([e.step for e in ordered], dtype=np.float64)
-        features, _ = featurize(raw_matrix(ordered), step, np.zeros(len(ordered), dtype=np.int64), new_carry(1))
+        features, _ = featurize(raw_matrix(ordered), step, np.zeros(len(ordered), dtype=np.int64),
+                                new_carry(1))
         out.append(
             EpisodeData(
                 sandbox, episode, ordered, features,

@@ -1,4 +1,5 @@
-"""Replay: a preallocated tensor ring (storage), uniform sampling (sampler), and the buffer that wires them."""
+"""Replay: a preallocated tensor ring (storage), uniform sampling (sampler), and the buffer that
+wires them."""
 
 from streamdqn.replay.buffer import ReplayBuffer, ReplaySamples
 from streamdqn.replay.storage import TensorRing

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+
 # Bytes a transition takes: state and next state float32, action int64, reward float32, done bool.
 def transition_bytes(obs_dim: int) -> int:
     return 2 * obs_dim * 4 + 8 + 4 + 1
@@ -102,6 +103,7 @@ class TensorRing:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.counters.zero_()
-        rows = tuple(state[name].to(self.device) for name in ("states", "actions", "rewards", "next_states", "dones"))
+        rows = tuple(state[name].to(self.device)
+                     for name in ("states", "actions", "rewards", "next_states", "dones"))
         self.write(rows)
         self.counters[2] = int(state["total_written"])

@@ -8,6 +8,7 @@ broker on a free loopback port (what CI uses).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -65,7 +66,8 @@ class Topics:
 @pytest.fixture
 def topics(kafka_bootstrap: str) -> Topics:
     tag = uuid.uuid4().hex[:10]
-    return Topics(kafka_bootstrap, f"telemetry-{tag}", f"dlq-{tag}", f"snapshots-{tag}", f"group-{tag}").create()
+    return Topics(kafka_bootstrap, f"telemetry-{tag}", f"dlq-{tag}", f"snapshots-{tag}",
+                  f"group-{tag}").create()
 
 
 # ---------------------------------------------------------------- producing
@@ -96,7 +98,8 @@ def produce(bootstrap: str, topic: str, messages: Sequence[Message]) -> None:
                                     max_request_size=16 * 1024 * 1024)
         await producer.start()
         try:
-            futures = [await producer.send(topic, m.value, key=m.key, headers=list(m.headers)) for m in messages]
+            futures = [await producer.send(topic, m.value, key=m.key, headers=list(m.headers))
+                       for m in messages]
             await asyncio.gather(*futures)
         finally:
             await producer.stop()
@@ -106,7 +109,8 @@ def produce(bootstrap: str, topic: str, messages: Sequence[Message]) -> None:
 
 def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 30.0) -> list[object]:
     async def run() -> list[object]:
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"check-{uuid.uuid4().hex[:8]}",
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap,
+                                    group_id=f"check-{uuid.uuid4().hex[:8]}",
                                     auto_offset_reset="earliest", enable_auto_commit=False)
         await consumer.start()
         out: list[object] = []
@@ -154,7 +158,8 @@ class DaemonProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.process = subprocess.Popen(
             [sys.executable, "-m", "streamdqn", "run", "--config", str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=self.state_dir.parent,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            cwd=self.state_dir.parent,
         )
         log.close()
         self.wait_http()
@@ -207,7 +212,8 @@ class DaemonProcess:
             except OSError as exc:
                 last = exc
             time.sleep(0.3)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r}):\n{self.logs()[-4000:]}")
+        raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r}):\n"
+                             f"{self.logs()[-4000:]}")
 
     def signal(self, sig: int) -> None:
         assert self.process is not None
@@ -233,14 +239,14 @@ class DaemonProcess:
         out = []
         for line in self.logs().splitlines():
             if line.startswith("{"):
-                try:
+                with contextlib.suppress(ValueError):
                     out.append(json.loads(line))
-                except ValueError:
-                    pass
         return out
 
 
-def write_config(path: Path, topics: Topics, state_dir: Path, port: int, **sections: dict[str, object]) -> Path:
+def write_config(
+    path: Path, topics: Topics, state_dir: Path, port: int, **sections: dict[str, object]
+) -> Path:
     base: dict[str, dict[str, object]] = {
         "kafka": {"bootstrap_servers": topics.bootstrap, "topic": topics.telemetry, "group_id": topics.group,
                   "dlq_topic": topics.dlq, "snapshot_topic": topics.snapshots, "poll_timeout_ms": 100},

@@ -98,7 +98,8 @@ def test_learns_dead_letters_publishes_stops_and_resumes(topics, make_daemon, tm
     announcement = json.loads(consume_all(topics.bootstrap, topics.snapshots, expected=1)[0].value)
     assert {"version", "sha256", "url"} <= set(announcement)
     result = pull(daemon.url, tmp_path / "policy")
-    session = ort.InferenceSession(str(tmp_path / "policy" / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(tmp_path / "policy" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
     q, action = session.run(None, {"features": np.zeros((3, 30), np.float32)})
     assert q.shape == (3, 5) and action.dtype == np.int64
     assert result.changed

@@ -21,7 +21,8 @@ def test_demo_runs_learns_publishes_and_stops_everything(tmp_path: Path) -> None
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "/metrics" in done.stdout and "/snapshots" in done.stdout
-    summary = re.search(r"produced (\d+) events; ingested (\d+); updates (\d+); latest snapshot (\d+)", done.stdout)
+    summary = re.search(r"produced (\d+) events; ingested (\d+); updates (\d+); latest snapshot (\d+)",
+                        done.stdout)
     assert summary, done.stdout + done.stderr
     produced, ingested, updates, snapshot = map(int, summary.groups())
     assert produced > 1000 and ingested > 0 and updates > 0 and snapshot >= 1
@@ -29,5 +30,6 @@ def test_demo_runs_learns_publishes_and_stops_everything(tmp_path: Path) -> None
     # The broker it started does not outlive it.
     port = re.search(r"broker\s+127\.0\.0\.1:(\d+)", done.stdout)
     assert port, done.stdout
-    leftovers = subprocess.run(["pgrep", "-f", f"tcp://127.0.0.1:{port.group(1)}"], capture_output=True, text=True)
+    leftovers = subprocess.run(["pgrep", "-f", f"tcp://127.0.0.1:{port.group(1)}"], capture_output=True,
+                               text=True)
     assert leftovers.stdout.strip() == ""

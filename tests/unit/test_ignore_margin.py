@@ -31,7 +31,9 @@ def test_margin_shifts_the_greedy_action_in_torch_and_in_onnx() -> None:
     assert (learner.act(probe, explore=False) == 0).all()
     model = export_onnx(learner.online)
     check_onnx(model, learner.online, probe)  # parity, and action = argmax with the margin
-    q_ort, action = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"features": probe})
+    q_ort, action = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(
+        None, {"features": probe}
+    )
     assert (action == 0).all()
     np.testing.assert_allclose(q_ort, q, atol=1e-4)  # the Q-values themselves are untouched
 
