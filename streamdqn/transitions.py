@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from streamdqn.features import CARRY_DIM, FEATURE_DIM, featurize, new_carry
 from streamdqn.telemetry import Action, Reject, TelemetryEvent, raw_matrix
@@ -447,8 +448,11 @@ class EpisodeTracker:
                 [list(e.key), e.partition, e.carry.tolist(), e.last_step, e.responded, e.final_seen,
                  pending, e.episode_return, e.malicious, e.severity]
             )
+        # The publish gate's evaluation window: without it a restarted daemon would publish ungated
+        # until enough held-out episodes finished again.
+        holdout = [[torch.from_numpy(h.features), h.malicious, h.severity] for h in self.holdout]
         return {"episodes": episodes, "current": [[k, list(v)] for k, v in self._current.items()],
-                "closed": [list(k) for k in self._closed]}
+                "closed": [list(k) for k in self._closed], "holdout": holdout}
 
     def load_state_dict(self, state: dict[str, object], now: float) -> None:
         self._open.clear()
@@ -466,6 +470,9 @@ class EpisodeTracker:
             self._open[e.key] = e
         self._current = {k: (v[0], v[1]) for k, v in state["current"]}  # type: ignore[attr-defined]
         self._closed = OrderedDict(((k[0], k[1]), None) for k in state["closed"])  # type: ignore[attr-defined]
+        self.holdout.clear()
+        for features, malicious, severity in state.get("holdout", []):  # type: ignore[attr-defined]
+            self.holdout.append(HeldOutEpisode(np.asarray(features, dtype=np.float32), malicious, severity))
 
 
 @dataclass(frozen=True)

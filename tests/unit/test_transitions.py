@@ -330,3 +330,22 @@ def test_split_episodes_groups_orders_and_keeps_first_duplicate() -> None:
     assert episodes[1].events[0].syscall_count == 5
     assert episodes[0].malicious and episodes[0].severity == 0.9
     assert episodes[0].features.shape == (2, len(FEATURE_NAMES))
+
+
+def test_the_held_out_window_survives_a_checkpoint() -> None:
+    """The publish gate's evaluation episodes are part of the state, so a restart keeps gating."""
+    original = tracker_of(holdout_fraction=0.5, holdout_keep=4)
+    for episode in range(40):
+        feed(original, [ev(episode, s, sandbox=f"s{episode}", final=s == 2, is_malicious=episode % 2 == 0)
+                        for s in range(3)])
+    assert len(original.holdout) == 4  # the most recent ones, up to holdout_keep
+    restored = tracker_of(holdout_fraction=0.5, holdout_keep=4)
+    restored.load_state_dict(through_checkpoint(original.state_dict()), now=0.0)
+    assert [(h.malicious, h.severity) for h in restored.holdout] == [(h.malicious, h.severity)
+                                                                      for h in original.holdout]
+    for before, after in zip(original.holdout, restored.holdout, strict=True):
+        assert after.features.dtype == np.float32
+        np.testing.assert_array_equal(after.features, before.features)
+    old_checkpoint = {k: v for k, v in original.state_dict().items() if k != "holdout"}
+    restored.load_state_dict(through_checkpoint(old_checkpoint), now=0.0)  # written before the window was
+    assert len(restored.holdout) == 0
