@@ -35,6 +35,7 @@ from streamdqn.evaluate import OnnxPolicy, PublishGate, evaluate_rows
 from streamdqn.features import FEATURE_DIM, FeatureSpec, RunningNormalizer
 from streamdqn.ingest import DeadLetter, KafkaOptions, KafkaSource, RecordSource, ensure_topics
 from streamdqn.learner import ActingPolicy, DQNLearner, LearnerSettings, resolve_device
+from streamdqn.logs import last_kafka_error
 from streamdqn.metrics import DaemonMetrics, MetricsSnapshot
 from streamdqn.model import QNetwork
 from streamdqn.pipeline import IngestPipeline, PipelineOptions, RateLimiter
@@ -336,7 +337,7 @@ class Daemon:
                 await source.start()
             except Exception as exc:
                 log_event("broker unreachable", bootstrap_servers=s.kafka.bootstrap_servers,
-                          error=repr(exc)[:300], retry_in_seconds=delay)
+                          error=repr(exc)[:300], cause=last_kafka_error(), retry_in_seconds=delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
                 delay = min(delay * 2, s.lifecycle.broker_retry_max_seconds)
@@ -453,8 +454,9 @@ class Daemon:
                 last_broker_check = now
                 connected = await self.source.broker_reachable()
                 if connected != self.health.broker_connected:
+                    cause = {} if connected else {"cause": last_kafka_error()}
                     log_event("broker reconnected" if connected else "broker disconnected",
-                              bootstrap_servers=s.kafka.bootstrap_servers)
+                              bootstrap_servers=s.kafka.bootstrap_servers, **cause)
                 self.health.broker_connected = connected
             if now - last_expire > 5:
                 last_expire = now

@@ -39,6 +39,29 @@ def configure_logging(*, json_format: bool, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # aiokafka reports every failed connection attempt at ERROR; our own lines say what matters.
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL if level != "DEBUG" else logging.DEBUG)
+    # aiokafka reports every failed connection attempt at ERROR, on and on while a broker is down;
+    # our own lines say what matters and carry its last error as their `cause` (last_kafka_error).
+    kafka = logging.getLogger("aiokafka")
+    kafka.handlers[:] = [_LAST_KAFKA_ERROR]
+    kafka.setLevel(logging.DEBUG if level == "DEBUG" else logging.ERROR)
+    kafka.propagate = level == "DEBUG"
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class _LastRecord(logging.Handler):
+    """Keeps the message of the last record it was given, emits nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.message: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.message = record.getMessage()[:300]
+
+
+_LAST_KAFKA_ERROR = _LastRecord()
+
+
+def last_kafka_error() -> str | None:
+    """The last error aiokafka logged (e.g. why a connection or SASL handshake failed), if any."""
+    return _LAST_KAFKA_ERROR.message
