@@ -561,7 +561,7 @@ class Daemon:
             return False
         counters = self.pipeline.counters
         progress = (stats.updates, counters.events_consumed)
-        if progress == self._last_publish:
+        if progress == self._last_publish and not final:
             return False  # an idle stream: the same weights would be exported and gated again
         started = time.perf_counter()
         weights, _ = self.runner.weights()
