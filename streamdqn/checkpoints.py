@@ -7,11 +7,12 @@ read back with `torch.load(weights_only=True)`, which refuses arbitrary Python o
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -53,7 +54,7 @@ class CheckpointStore:
         sequence = (sequences[-1] + 1) if sequences else 1
         path = self.path_of(sequence)
         payload = {**state, "format": FORMAT, "saved_at": time.time(), "sequence": sequence}
-        atomic_write(path, lambda f: torch.save(payload, f), mode=0o600)
+        atomic_write(path, lambda f: _save(payload, f), mode=0o600)
         for old in sequences[: max(0, len(sequences) + 1 - self.keep)]:
             self.path_of(old).unlink(missing_ok=True)
         return path
@@ -67,6 +68,17 @@ class CheckpointStore:
             except CheckpointError as exc:
                 log.warning("skipping checkpoint %s: %s", path, exc)
         return None
+
+
+def _save(payload: dict[str, Any], f: BinaryIO) -> None:
+    try:
+        torch.save(payload, f)
+    except RuntimeError:
+        # torch's zip writer reports a short write only as "unexpected pos"; one more write surfaces
+        # the OS error behind it (EFBIG past a file-size limit, ENOSPC on a full disk) for the log.
+        f.flush()
+        os.write(f.fileno(), b"\0")
+        raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

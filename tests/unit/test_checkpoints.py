@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +111,24 @@ def test_retention_keeps_the_newest(tmp_path: Path) -> None:
     assert CheckpointStore(tmp_path, keep=2).save(state(6)).name == "ckpt-0000000006.pt"
     with pytest.raises(ValueError):
         CheckpointStore(tmp_path, keep=0)
+
+
+def test_a_file_size_limit_fails_the_save_with_the_os_error(tmp_path: Path) -> None:
+    """Past RLIMIT_FSIZE (systemd's LimitFSIZE=) the save fails with EFBIG, not torch's "unexpected
+    pos", and leaves no file behind. In a child process: the limit would bind this one's files too."""
+    script = (
+        "import resource, sys, torch\n"
+        "from pathlib import Path\n"
+        "from streamdqn.checkpoints import CheckpointStore\n"
+        "hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))\n"
+        "state = {'w': torch.randn(300, 300), 'rows': [torch.randn(20, 30) for _ in range(50)]}\n"
+        "try:\n"
+        "    CheckpointStore(Path(sys.argv[1])).save(state)\n"
+        "except OSError as exc:\n"
+        "    print(exc.strerror)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.strip() == "File too large", out.stderr
+    assert list(tmp_path.iterdir()) == []
