@@ -566,11 +566,13 @@ def test_poison_is_dead_lettered_good_events_kept_and_memory_bounded(topics, mak
     big = [x for x in dead if dict(x.headers).get("streamdqn-truncated-from")]  # type: ignore[attr-defined]
     assert len(big) == 1 and int(dict(big[0].headers)["streamdqn-truncated-from"]) > 10 * 2**20  # type: ignore[attr-defined]
 
-    # The normalizer never saw a non-finite value: a snapshot taken after the poison has finite stats.
-    version = daemon.metric("streamdqn_snapshot_version")
-    daemon.wait_for(lambda: daemon.metric("streamdqn_snapshot_version") > version, 30, "a later snapshot")
+    # The normalizer never saw a non-finite value: the snapshot that learned every good event (so it
+    # was taken after all of the poison had been read) has finite stats.
+    def latest_learned() -> object:
+        return json.loads(daemon.get("/snapshots/latest/manifest.json"))["events_learned"]
+
+    daemon.wait_for(lambda: latest_learned() == good, 30, "a snapshot that learned every good event")
     manifest = json.loads(daemon.get("/snapshots/latest/manifest.json"))
-    assert manifest["events_learned"] == good
     normalizer = manifest["normalizer"]
     assert np.isfinite(normalizer["mean"]).all() and np.isfinite(normalizer["std"]).all()
     assert math.isfinite(m["streamdqn_learner_loss"])

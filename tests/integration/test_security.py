@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -252,6 +253,7 @@ def _tampered_pull(daemon: DaemonProcess, out: Path, args: list[str], token: str
     """
     local = json.loads((out / "manifest.json").read_bytes())["version"]
     for _ in range(3):
+        _feed(daemon)
         daemon.wait_for(lambda: json.loads(request(daemon, "/snapshots", token)[1])["latest"] > local, 30,
                         "a version newer than the local copy")
         version = json.loads(request(daemon, "/snapshots", token)[1])["latest"]
@@ -266,6 +268,14 @@ def _tampered_pull(daemon: DaemonProcess, out: Path, args: list[str], token: str
         if json.loads(request(daemon, "/snapshots", token)[1])["latest"] == version:
             return result
     raise AssertionError("`latest` kept moving during the tampered pulls")
+
+
+def _feed(daemon: DaemonProcess) -> None:
+    """Fresh episodes for the daemon, so that it learns and publishes again (an idle daemon does not)."""
+    kafka = tomllib.loads(daemon.config.read_text())["kafka"]
+    tag = uuid.uuid4().hex[:8]
+    events = [{**e, "episode_id": f"{tag}-{e['episode_id']}"} for e in sim_events(4, seed=7)]
+    produce(kafka["bootstrap_servers"], kafka["topic"], encode_events(events))
 
 
 def _flip_model_byte(version_dir: Path) -> None:
