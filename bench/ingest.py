@@ -39,7 +39,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from streamdqn.broker import EmbeddedBroker
 from streamdqn.daemon import GC_THRESHOLDS, tune_gc
 from streamdqn.features import FEATURE_DIM, RunningNormalizer
-from streamdqn.ingest import KafkaOptions, KafkaSource, Record, ensure_topics
+from streamdqn.ingest import KafkaOptions, KafkaSource, Record, consumer_settings, ensure_topics
 from streamdqn.learner import ActingPolicy, LearnerSettings
 from streamdqn.pipeline import IngestPipeline, PipelineOptions
 from streamdqn.replay import ReplayBuffer
@@ -109,20 +109,9 @@ class PassResult:
 
 async def joined_consumer(options: KafkaOptions) -> AIOKafkaConsumer:
     """aiokafka alone, with KafkaSource's consumer settings, subscribed (it joins in the background)."""
-    o = options
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=o.bootstrap_servers,
-        group_id=o.group_id,
-        client_id=o.client_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        max_poll_records=o.max_poll_records,
-        fetch_max_bytes=o.fetch_max_bytes,
-        max_partition_fetch_bytes=o.max_partition_fetch_bytes,
-        request_timeout_ms=o.request_timeout_ms,
-    )
+    consumer = AIOKafkaConsumer(**consumer_settings(options))
     await consumer.start()
-    consumer.subscribe([o.topic])
+    consumer.subscribe([options.topic])
     return consumer
 
 

@@ -91,6 +91,21 @@ class KafkaOptions:
     request_timeout_ms: int = 15_000
 
 
+def consumer_settings(o: KafkaOptions) -> dict[str, object]:
+    """KafkaSource's consumer settings, security aside (bench/ingest.py's raw ceiling uses the same)."""
+    return {
+        "bootstrap_servers": o.bootstrap_servers,
+        "group_id": o.group_id,
+        "client_id": o.client_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_poll_records": o.max_poll_records,
+        "fetch_max_bytes": o.fetch_max_bytes,
+        "max_partition_fetch_bytes": o.max_partition_fetch_bytes,
+        "request_timeout_ms": o.request_timeout_ms,
+    }
+
+
 def client_security(o: KafkaOptions) -> dict[str, object]:
     """aiokafka keyword arguments for TLS and SASL (shared by consumer, producer and admin client)."""
     kw: dict[str, object] = {"security_protocol": o.security_protocol}
@@ -165,18 +180,7 @@ class KafkaSource:
     async def start(self) -> None:
         o = self.options
         security = client_security(o)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=o.bootstrap_servers,
-            group_id=o.group_id,
-            client_id=o.client_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=o.max_poll_records,
-            fetch_max_bytes=o.fetch_max_bytes,
-            max_partition_fetch_bytes=o.max_partition_fetch_bytes,
-            request_timeout_ms=o.request_timeout_ms,
-            **security,
-        )
+        consumer = AIOKafkaConsumer(**consumer_settings(o), **security)
         producer = AIOKafkaProducer(
             bootstrap_servers=o.bootstrap_servers, client_id=o.client_id, acks="all",
             request_timeout_ms=o.request_timeout_ms, max_request_size=16 * 1024 * 1024, **security,
