@@ -25,6 +25,11 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
+import numpy as np
+
+from streamdqn.features import FEATURE_DIM
+from streamdqn.telemetry import Action
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -256,3 +261,15 @@ def rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("VmRSS not found in /proc/self/status")
+
+
+def random_transitions(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """n random transitions, keyed and ordered as `ReplayBuffer.push` takes them."""
+    rng = np.random.default_rng(seed)
+    return {
+        "states": rng.normal(size=(n, FEATURE_DIM)).astype(np.float32),
+        "actions": rng.integers(0, len(Action), size=n),
+        "rewards": rng.normal(size=n).astype(np.float32),
+        "next_states": rng.normal(size=(n, FEATURE_DIM)).astype(np.float32),
+        "dones": rng.random(n) < 0.05,
+    }

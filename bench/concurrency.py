@@ -28,9 +28,8 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
 import torch
-from _common import Target, emit, header, ratio, report_targets, table
+from _common import Target, emit, header, random_transitions, ratio, report_targets, table
 from _workload import BATCH_RECORDS, N_ACTIONS, Ingest, build_records
 
 from streamdqn.background import LearnerRunner, ProcessRunner, RunnerOptions, ThreadRunner
@@ -62,14 +61,7 @@ def make_runner(mode: str, capacity: int, prefill: int) -> tuple[LearnerRunner, 
     else:
         buffer = ReplayBuffer(capacity, FEATURE_DIM, "cpu", seed=0)
         runner = ThreadRunner(learner, buffer, options)
-    rng = np.random.default_rng(0)
-    buffer.push(
-        rng.normal(size=(prefill, FEATURE_DIM)).astype(np.float32),
-        rng.integers(0, N_ACTIONS, prefill),
-        rng.normal(size=prefill).astype(np.float32),
-        rng.normal(size=(prefill, FEATURE_DIM)).astype(np.float32),
-        rng.random(prefill) < 0.05,
-    )
+    buffer.push(*random_transitions(prefill).values())
     return runner, buffer
 
 

@@ -29,9 +29,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
-from _common import emit, header, ratio, table
+from _common import emit, header, random_transitions, ratio, table
 
 from streamdqn.features import FEATURE_DIM
 from streamdqn.learner import DQNLearner, LearnerSettings, td_loss
@@ -63,15 +62,8 @@ def rate(fn: Callable[[], object], seconds: float, device: torch.device, per_cal
 
 
 def filled_buffer(capacity: int, device: torch.device) -> ReplayBuffer:
-    rng = np.random.default_rng(0)
     buffer = ReplayBuffer(capacity, FEATURE_DIM, device, seed=0)
-    buffer.push(
-        rng.normal(size=(capacity, FEATURE_DIM)).astype(np.float32),
-        rng.integers(0, N_ACTIONS, capacity),
-        rng.normal(size=capacity).astype(np.float32),
-        rng.normal(size=(capacity, FEATURE_DIM)).astype(np.float32),
-        rng.random(capacity) < 0.05,
-    )
+    buffer.push(*random_transitions(capacity).values())
     return buffer
 
 
@@ -123,14 +115,7 @@ def bench_updates(
 
 
 def bench_pushes(device: torch.device, seconds: float, capacity: int) -> dict[str, float]:
-    rng = np.random.default_rng(1)
-    batch: tuple[np.ndarray, ...] = (
-        rng.normal(size=(PUSH, FEATURE_DIM)).astype(np.float32),
-        rng.integers(0, N_ACTIONS, PUSH),
-        rng.normal(size=PUSH).astype(np.float32),
-        rng.normal(size=(PUSH, FEATURE_DIM)).astype(np.float32),
-        rng.random(PUSH) < 0.05,
-    )
+    batch = tuple(random_transitions(PUSH, seed=1).values())
     ours = ReplayBuffer(capacity, FEATURE_DIM, device, seed=0)
     ring = ReplayBuffer(capacity, FEATURE_DIM, device, seed=0)  # its storage, written directly below
     dtypes = (torch.float32, torch.int64, torch.float32, torch.float32, torch.bool)

@@ -30,7 +30,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import Target, emit, header, ops_per_second, ratio, report_targets, side_by_side, table
+from _common import (
+    Target,
+    emit,
+    header,
+    ops_per_second,
+    random_transitions,
+    ratio,
+    report_targets,
+    side_by_side,
+    table,
+)
 from torch import nn
 
 from streamdqn.features import FEATURE_DIM
@@ -43,17 +53,6 @@ HIDDEN = (256, 256)
 BATCHES = (64, 256)
 FILL = 50_000
 TARGET_BARE, TARGET_SB3 = 0.85, 1.5
-
-
-def random_transitions(n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "states": rng.normal(size=(n, FEATURE_DIM)).astype(np.float32),
-        "actions": rng.integers(0, N_ACTIONS, size=n),
-        "rewards": rng.normal(size=n).astype(np.float32),
-        "next_states": rng.normal(size=(n, FEATURE_DIM)).astype(np.float32),
-        "dones": rng.random(n) < 0.05,
-    }
 
 
 def mlp() -> nn.Sequential:
@@ -260,7 +259,7 @@ def run(smoke: bool) -> dict[str, Any]:
     fill = 5_000 if smoke else FILL
     data = random_transitions(fill)
     buffer = ReplayBuffer(fill, FEATURE_DIM, "cpu", seed=0)
-    buffer.push(data["states"], data["actions"], data["rewards"], data["next_states"], data["dones"])
+    buffer.push(*data.values())
 
     torch.set_num_threads(1)
     results: dict[str, Any] = {"batches": {}}

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from typing import Any
 
-from _common import Target, emit, header, report_targets, table
+from _common import Target, emit, header, random_transitions, report_targets, table
 
 TARGET = 1.2
 MIB = 1024 * 1024
@@ -42,7 +42,6 @@ def child(capacity: int, shared: bool) -> None:
     """In one fresh process: RSS with a capacity-1 buffer, then with a full one; one JSON line."""
     import gc
 
-    import numpy as np
     import torch
 
     from streamdqn.features import FEATURE_DIM
@@ -57,15 +56,7 @@ def child(capacity: int, shared: bool) -> None:
 
     def filled(cap: int) -> ReplayBuffer:
         buffer = ReplayBuffer(cap, FEATURE_DIM, "cpu", seed=0, shared=shared, lock=lock)
-        rng = np.random.default_rng(0)
-        n = min(512, cap)
-        chunk = (
-            rng.normal(size=(n, FEATURE_DIM)).astype(np.float32),
-            rng.integers(0, 5, size=n),
-            rng.normal(size=n).astype(np.float32),
-            rng.normal(size=(n, FEATURE_DIM)).astype(np.float32),
-            rng.random(n) < 0.05,
-        )
+        chunk = tuple(random_transitions(min(512, cap)).values())
         while buffer.total_pushed < cap:
             buffer.push(*chunk)
         buffer.sample(min(64, cap))  # the learner's first touch, as in the daemon

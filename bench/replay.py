@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import Target, emit, header, ratio, report_targets, side_by_side, table
+from _common import Target, emit, header, random_transitions, ratio, report_targets, side_by_side, table
 
 from streamdqn.features import FEATURE_DIM
 from streamdqn.replay import ReplayBuffer
@@ -36,17 +36,6 @@ PUSH = 512
 SAMPLES = (256, 64)
 TARGET = 2.0
 FIELDS = ("states", "actions", "rewards", "next_states", "dones")
-
-
-def transitions(n: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "states": rng.normal(size=(n, FEATURE_DIM)).astype(np.float32),
-        "actions": rng.integers(0, 5, size=n),
-        "rewards": rng.normal(size=n).astype(np.float32),
-        "next_states": rng.normal(size=(n, FEATURE_DIM)).astype(np.float32),
-        "dones": rng.random(n) < 0.05,
-    }
 
 
 class PlainRing:
@@ -99,7 +88,7 @@ def torchrl_buffer(capacity: int) -> tuple[Any, Callable[[dict[str, np.ndarray]]
 
 
 def fill(capacity: int, push: Callable[[dict[str, np.ndarray]], object]) -> None:
-    chunk = transitions(min(capacity, 65_536), seed=1)
+    chunk = random_transitions(min(capacity, 65_536), seed=1)
     done = 0
     while done < capacity:
         push(chunk)
@@ -110,7 +99,7 @@ def run(smoke: bool) -> dict[str, Any]:
     capacity = 10_000 if smoke else 1_000_000
     rounds, seconds = (1, 0.1) if smoke else (5, 0.6)
     torch.set_num_threads(1)  # the learner's and the ingest loop's setting in the daemon
-    batch = transitions(PUSH, seed=2)
+    batch = random_transitions(PUSH, seed=2)
 
     ours = ReplayBuffer(capacity, FEATURE_DIM, "cpu", seed=0)
     fill(capacity, lambda b: ours.push(*(b[k] for k in FIELDS)))
