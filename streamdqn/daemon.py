@@ -338,8 +338,7 @@ class Daemon:
             except Exception as exc:
                 log_event("broker unreachable", bootstrap_servers=s.kafka.bootstrap_servers,
                           error=repr(exc)[:300], cause=last_kafka_error(), retry_in_seconds=delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop_event.wait(), timeout=delay)
+                await self._sleep_unless_stopped(delay)
                 delay = min(delay * 2, s.lifecycle.broker_retry_max_seconds)
                 continue
             self.source = source
@@ -420,9 +419,13 @@ class Daemon:
                     raise DeadLettersPending(len(letters)) from exc
                 log_event("dead-letter write failed", error=repr(exc)[:300], records=len(letters),
                           retry_in_seconds=delay)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.stop_event.wait(), delay)  # a stop cuts the wait short
+                await self._sleep_unless_stopped(delay)
                 delay = min(delay * 2, 10.0)
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        """A retry backoff that a stop request cuts short."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_event.wait(), timeout=seconds)
 
     async def _every(self, interval: float, action: Callable[[], Any]) -> None:
         while True:
