@@ -7,6 +7,7 @@ by reason, and a record with any rejection is returned as a dead letter carrying
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -221,22 +222,17 @@ class IngestPipeline:
         """Cap each source's events; a record's events past its source's budget are rejected."""
         assert self.rate_limiter is not None
         kept: list[int] = []
-        start = 0
-        while start < len(events):  # one pass per record: its events are contiguous
-            r_index = origin[start]
-            end = start
-            while end < len(events) and origin[end] == r_index:
-                end += 1
-            source = self._source_of(records[r_index], events[start])
-            allowed = self.rate_limiter.allow(source, end - start, now)
-            kept.extend(range(start, start + allowed))
-            problems.setdefault(r_index, []).extend(
-                Reject(positions[i], REASON_RATE_LIMITED, "per-source event rate cap exceeded")
-                for i in range(start + allowed, end)
-            )
-            if not problems[r_index]:
-                del problems[r_index]
-            start = end
+        # A record's events are contiguous: one budget check per record.
+        for r_index, group in itertools.groupby(range(len(events)), key=origin.__getitem__):
+            rows = list(group)
+            source = self._source_of(records[r_index], events[rows[0]])
+            allowed = self.rate_limiter.allow(source, len(rows), now)
+            kept += rows[:allowed]
+            if allowed < len(rows):
+                problems.setdefault(r_index, []).extend(
+                    Reject(positions[i], REASON_RATE_LIMITED, "per-source event rate cap exceeded")
+                    for i in rows[allowed:]
+                )
         if len(kept) == len(events):
             return events, origin
         return [events[i] for i in kept], [origin[i] for i in kept]
