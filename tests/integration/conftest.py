@@ -243,6 +243,13 @@ class DaemonProcess:
                     out.append(json.loads(line))
         return out
 
+# Small and fast daemon settings for fault and security tests: thread learner (no second torch
+# import competing for the 2 cores), tiny network, small replay.
+FAST: dict[str, dict[str, object]] = {
+    "learner": {"mode": "thread", "hidden": [64, 64], "updates_per_transition": 0.5},
+    "replay": {"capacity": 50_000, "min_size": 50},
+}
+
 
 def write_config(
     path: Path, topics: Topics, state_dir: Path, port: int, **sections: dict[str, object]

@@ -38,6 +38,7 @@ from streamdqn.snapshots import sha256_hex
 from streamdqn.telemetry import ACTION_NAMES, COUNT_FIELDS, FLAG_FIELDS, decode
 from tests.factories import event_dict
 from tests.integration.conftest import (
+    FAST,
     DaemonProcess,
     Message,
     Topics,
@@ -48,10 +49,6 @@ from tests.integration.conftest import (
 )
 
 pytestmark = pytest.mark.integration
-
-# Small and fast: thread learner (no second torch import competing for the 2 cores), tiny network.
-FAST = {"learner": {"mode": "thread", "hidden": [64, 64], "updates_per_transition": 0.5},
-        "replay": {"capacity": 50_000, "min_size": 50}}
 
 
 # ---------------------------------------------------------------- helpers

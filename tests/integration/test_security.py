@@ -47,6 +47,7 @@ from streamdqn.snapshots import sha256_hex
 from streamdqn.telemetry import validate_records
 from streamdqn.transitions import RewardTable, split_episodes
 from tests.integration.conftest import (
+    FAST,
     DaemonProcess,
     Topics,
     encode_events,
@@ -57,9 +58,7 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.integration
 
-SMALL = {"learner": {"mode": "thread", "hidden": [64, 64], "updates_per_transition": 0.5},
-         "replay": {"capacity": 50_000, "min_size": 50},
-         "publish": {"interval_seconds": 5.0, "min_updates": 20, "keep": 50}}
+SMALL = {**FAST, "publish": {"interval_seconds": 5.0, "min_updates": 20, "keep": 50}}
 
 
 # ---------------------------------------------------------------- helpers
