@@ -76,6 +76,11 @@ class RateLimiter:
         return allowed
 
 
+def _content_type(record: Record) -> str | None:
+    ct = record.header("content-type")
+    return ct.decode("latin-1") if ct else None
+
+
 @dataclass(frozen=True)
 class PipelineOptions:
     max_message_bytes: int = 1 << 20
@@ -174,8 +179,7 @@ class IngestPipeline:
         owner: list[int] = []  # record position of each parsed object
         position: list[int] = []  # its position within its message
         for r_index, record in enumerate(records):
-            ct = record.header("content-type")
-            message = parse_message(record.value, ct.decode("latin-1") if ct else None,
+            message = parse_message(record.value, _content_type(record),
                                     max_bytes=o.max_message_bytes, max_events=o.max_events_per_message)
             if isinstance(message, Reject):
                 problems[r_index] = [message]
@@ -200,8 +204,7 @@ class IngestPipeline:
         positions: list[int] = []
         problems.clear()
         for r_index, record in enumerate(records):
-            ct = record.header("content-type")
-            decoded = decode(record.value, ct.decode("latin-1") if ct else None,
+            decoded = decode(record.value, _content_type(record),
                              max_bytes=o.max_message_bytes, max_events=o.max_events_per_message)
             if decoded.rejects:
                 problems[r_index] = list(decoded.rejects)
