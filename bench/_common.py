@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from streamdqn.features import FEATURE_DIM
-from streamdqn.telemetry import Action
+from streamdqn.stream.features import FEATURE_DIM
+from streamdqn.stream.wire import Action
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -8,15 +8,15 @@ import zlib
 
 import msgpack
 
-from streamdqn.background import LearnerRunner
-from streamdqn.features import FEATURE_DIM, RunningNormalizer
-from streamdqn.ingest import Record
-from streamdqn.learner import ActingPolicy, LearnerSettings
-from streamdqn.pipeline import IngestPipeline, PipelineOptions
-from streamdqn.replay import ReplayBuffer
-from streamdqn.simulator import simulate
-from streamdqn.telemetry import Action
-from streamdqn.transitions import EpisodeTracker, TransitionBatch
+from streamdqn.learning.learner import ActingPolicy, LearnerSettings
+from streamdqn.learning.replay.buffer import ReplayBuffer
+from streamdqn.learning.runners import LearnerRunner
+from streamdqn.offline.simulator import simulate
+from streamdqn.stream.episodes import EpisodeTracker, TransitionBatch
+from streamdqn.stream.features import FEATURE_DIM, RunningNormalizer
+from streamdqn.stream.pipeline import IngestPipeline, PipelineOptions
+from streamdqn.stream.sources import Record
+from streamdqn.stream.wire import Action
 
 N_ACTIONS = len(Action)
 PARTITIONS = 4

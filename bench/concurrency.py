@@ -32,11 +32,11 @@ import torch
 from _common import Target, emit, header, random_transitions, ratio, report_targets, table
 from _workload import BATCH_RECORDS, N_ACTIONS, Ingest, build_records
 
-from streamdqn.background import LearnerRunner, ProcessRunner, RunnerOptions, ThreadRunner
-from streamdqn.features import FEATURE_DIM
-from streamdqn.ingest import Record
-from streamdqn.learner import DQNLearner, LearnerSettings
-from streamdqn.replay import ReplayBuffer
+from streamdqn.learning.learner import DQNLearner, LearnerSettings
+from streamdqn.learning.replay.buffer import ReplayBuffer
+from streamdqn.learning.runners import LearnerRunner, ProcessRunner, RunnerOptions, ThreadRunner
+from streamdqn.stream.features import FEATURE_DIM
+from streamdqn.stream.sources import Record
 
 RATES = (1_000, 10_000, 50_000)
 TARGET = 0.7

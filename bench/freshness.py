@@ -1,7 +1,7 @@
 """Freshness: from an event produced to a published snapshot whose manifest has learned it.
 
 Runs the real daemon (`python -m streamdqn run --config FILE`, a subprocess, with the settings of
-`streamdqn.demo.demo_settings`, publish gate off) against an embedded tansu broker, with simulated sandboxes
+`daemon.demo.demo_settings`, publish gate off) against an embedded tansu broker, with simulated sandboxes
 producing in the background. For each sample, the background producer pauses (so that the count
 of events before the marker is known), one marked event with a unique episode_id is produced, and
 this process polls the daemon's HTTP server every 20 ms:
@@ -42,10 +42,10 @@ import aiohttp
 from _common import emit, header, table
 from aiokafka import AIOKafkaProducer
 
-from streamdqn.broker import EmbeddedBroker, free_port
-from streamdqn.demo import demo_settings
-from streamdqn.ingest import KafkaOptions, ensure_topics
-from streamdqn.simulator import simulate
+from streamdqn.daemon.demo import demo_settings
+from streamdqn.kafka.broker import EmbeddedBroker, free_port
+from streamdqn.kafka.source import KafkaOptions, ensure_topics
+from streamdqn.offline.simulator import simulate
 
 DEFAULT_INTERVAL = 300.0
 POLL_S = 0.02

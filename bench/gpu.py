@@ -6,7 +6,7 @@
                   eager-async the same steps without reading stats back each update
                   graphed     DQNLearner.update(buffer.sample(b)) as the daemon runs it on CUDA
                               (cuda_graph on): forward + backward + clip + fused Adam(capturable=True)
-                              captured once per batch size (streamdqn.graphs) and replayed, static
+                              captured once per batch size (streamdqn.learning.graphs) and replayed, static
                               inputs filled from replay samples; stats read back each update
                   graphed (no sampling)  the same update on one pre-drawn sample
     pushes      ReplayBuffer.push(512 transitions from numpy) to the GPU: streamdqn's pinned
@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from _common import emit, header, random_transitions, ratio, table
 
-from streamdqn.features import FEATURE_DIM
-from streamdqn.learner import DQNLearner, LearnerSettings, td_loss
-from streamdqn.replay import ReplayBuffer, ReplaySamples
-from streamdqn.telemetry import Action
+from streamdqn.learning.learner import DQNLearner, LearnerSettings, td_loss
+from streamdqn.learning.replay.buffer import ReplayBuffer, ReplaySamples
+from streamdqn.stream.features import FEATURE_DIM
+from streamdqn.stream.wire import Action
 
 N_ACTIONS = len(Action)
 BATCHES = (64, 256)
@@ -145,7 +145,7 @@ def bench_pushes(device: torch.device, seconds: float, capacity: int) -> dict[st
 def bench_ingest(device: torch.device, seconds: float, n_records: int) -> dict[str, float]:
     from _workload import BATCH_RECORDS, Ingest, build_records
 
-    from streamdqn.background import RunnerOptions, ThreadRunner
+    from streamdqn.learning.runners import RunnerOptions, ThreadRunner
 
     records = build_records(n_records)
     settings = LearnerSettings(device=str(device), seed=0)

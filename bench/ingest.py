@@ -11,7 +11,7 @@ in alternating rounds and each time with a fresh consumer group and the same fet
 
 The clock of a pass starts at its first non-empty fetch (group join excluded) and that first
 batch is not counted. A broker-free breakdown of the same payloads follows, to show where the time
-goes. The process runs with the daemon's garbage-collector settings (`streamdqn.daemon.tune_gc`),
+goes. The process runs with the daemon's garbage-collector settings (`streamdqn.daemon.server.tune_gc`),
 which apply to both sides; `--default-gc` keeps CPython's defaults, to see what they cost.
 
     python bench/ingest.py [--smoke] [--events N] [--rounds R] [--default-gc]
@@ -36,16 +36,17 @@ import torch
 from _common import Target, emit, header, ratio, report_targets, side_by_side, table
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from streamdqn.broker import EmbeddedBroker
-from streamdqn.daemon import GC_THRESHOLDS, tune_gc
-from streamdqn.features import FEATURE_DIM, RunningNormalizer
-from streamdqn.ingest import KafkaOptions, KafkaSource, Record, consumer_settings, ensure_topics
-from streamdqn.learner import ActingPolicy, LearnerSettings
-from streamdqn.pipeline import IngestPipeline, PipelineOptions
-from streamdqn.replay import ReplayBuffer
-from streamdqn.simulator import simulate
-from streamdqn.telemetry import Action, decode, parse_payload, validate_records
-from streamdqn.transitions import EpisodeTracker, TransitionBatch
+from streamdqn.daemon.server import GC_THRESHOLDS, tune_gc
+from streamdqn.kafka.broker import EmbeddedBroker
+from streamdqn.kafka.source import KafkaOptions, KafkaSource, consumer_settings, ensure_topics
+from streamdqn.learning.learner import ActingPolicy, LearnerSettings
+from streamdqn.learning.replay.buffer import ReplayBuffer
+from streamdqn.offline.simulator import simulate
+from streamdqn.stream.episodes import EpisodeTracker, TransitionBatch
+from streamdqn.stream.features import FEATURE_DIM, RunningNormalizer
+from streamdqn.stream.pipeline import IngestPipeline, PipelineOptions
+from streamdqn.stream.sources import Record
+from streamdqn.stream.wire import Action, decode, parse_payload, validate_records
 
 PARTITIONS = 4
 FORMATS = {"msgpack": b"application/msgpack", "json": b"application/json"}

@@ -43,10 +43,10 @@ from _common import (
 )
 from torch import nn
 
-from streamdqn.features import FEATURE_DIM
-from streamdqn.learner import DQNLearner, LearnerSettings, td_loss
-from streamdqn.replay import ReplayBuffer
-from streamdqn.telemetry import Action
+from streamdqn.learning.learner import DQNLearner, LearnerSettings, td_loss
+from streamdqn.learning.replay.buffer import ReplayBuffer
+from streamdqn.stream.features import FEATURE_DIM
+from streamdqn.stream.wire import Action
 
 N_ACTIONS = len(Action)
 HIDDEN = (256, 256)

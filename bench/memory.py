@@ -44,13 +44,13 @@ def child(capacity: int, shared: bool) -> None:
 
     import torch
 
-    from streamdqn.features import FEATURE_DIM
-    from streamdqn.replay import ReplayBuffer
+    from streamdqn.learning.replay import ReplayBuffer
+    from streamdqn.stream.features import FEATURE_DIM
 
     torch.set_num_threads(1)
     lock = None
     if shared:
-        from streamdqn.background import ProcessRunner
+        from streamdqn.learning.runners import ProcessRunner
 
         lock = ProcessRunner.make_lock()
 

@@ -49,12 +49,12 @@ import onnxruntime as ort
 import torch
 from _common import emit, header, ratio, table
 
-from streamdqn.features import FEATURE_DIM
-from streamdqn.model import QNetwork
-from streamdqn.pull import pull
-from streamdqn.server import build_app, start_http, stop_http
-from streamdqn.snapshots import SnapshotStore, check_onnx, export_onnx, publish_snapshot
-from streamdqn.telemetry import Action
+from streamdqn.client.pull import pull
+from streamdqn.learning.model import QNetwork
+from streamdqn.serve.app import build_app, start_http, stop_http
+from streamdqn.snapshots.store import SnapshotStore, check_onnx, export_onnx, publish_snapshot
+from streamdqn.stream.features import FEATURE_DIM
+from streamdqn.stream.wire import Action
 
 T = TypeVar("T")
 

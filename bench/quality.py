@@ -1,7 +1,7 @@
 """Quality target: does offline DQN beat every baseline and close half the gap to the oracle?
 
-Trains offline (streamdqn.offline.train) on 1,000 simulated episodes (seed 1), publishes the final
-snapshot, and evaluates it with streamdqn.evaluate.evaluate on 2,000 fresh episodes (seed 2), where
+Trains offline (streamdqn.offline.train.train) on 1,000 simulated episodes (seed 1), publishes the final
+snapshot, and evaluates it with streamdqn.offline.evaluate.evaluate on 2,000 fresh episodes (seed 2), where
 the baselines (logistic regression included) are fitted and scored on the same splits. The target:
 mean return above every non-oracle baseline, and gap_closed >= 0.5. Exits 1 when the full run
 misses it; `--smoke` runs a tiny version in seconds for CI and never fails on the target.
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streamdqn.evaluate import ORACLE, SNAPSHOT_POLICY, EvaluationReport, evaluate, format_report
-from streamdqn.offline import train
-from streamdqn.simulator import simulate, write_events
+from streamdqn.offline.evaluate import ORACLE, SNAPSHOT_POLICY, EvaluationReport, evaluate, format_report
+from streamdqn.offline.simulator import simulate, write_events
+from streamdqn.offline.train import train
 
 TARGET_GAP = 0.5
 TRAIN_SEED, EVAL_SEED = 1, 2

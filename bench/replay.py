@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from _common import Target, emit, header, random_transitions, ratio, report_targets, side_by_side, table
 
-from streamdqn.features import FEATURE_DIM
-from streamdqn.replay import ReplayBuffer
+from streamdqn.learning.replay.buffer import ReplayBuffer
+from streamdqn.stream.features import FEATURE_DIM
 
 PUSH = 512
 SAMPLES = (256, 64)

@@ -30,18 +30,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamdqn.evaluate import (
-    _CLASS_SEVERITY,
-    EpisodeBatch,
-    fit_logistic_baseline,
-    oracle_policy,
-    replay,
-    severity_class,
-    split_fit_evaluation,
-)
-from streamdqn.simulator import simulate, write_events
-from streamdqn.telemetry import Action, read_events_file
-from streamdqn.transitions import EpisodeData, RewardTable, split_episodes
+from streamdqn.offline.baselines import _CLASS_SEVERITY, fit_logistic_baseline, oracle_policy, severity_class
+from streamdqn.offline.dataset import EpisodeData, split_episodes
+from streamdqn.offline.evaluate import split_fit_evaluation
+from streamdqn.offline.simulator import simulate, write_events
+from streamdqn.stream.rewards import RewardTable
+from streamdqn.stream.scoring import EpisodeBatch, replay
+from streamdqn.stream.wire import Action, read_events_file
 
 TRAIN_SEED, EVAL_SEED = 1, 2
 

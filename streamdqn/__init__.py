@@ -9,9 +9,9 @@ __all__ = ["__version__", "train"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: `import streamdqn.telemetry` must not pay for importing torch.
+    # Lazy: `import streamdqn.stream.wire` must not pay for importing torch.
     if name == "train":
-        from streamdqn.offline import train
+        from streamdqn.offline.train import train
 
         return train
     raise AttributeError(f"module 'streamdqn' has no attribute {name!r}")

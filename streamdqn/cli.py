@@ -14,7 +14,7 @@ EXIT_USAGE = 2
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from streamdqn.simulator import format_for_path, simulate, write_events
+    from streamdqn.offline.simulator import format_for_path, simulate, write_events
 
     fmt = args.format or format_for_path(args.out)
     count = write_events(args.out,
@@ -26,7 +26,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from streamdqn.offline import train
+    from streamdqn.offline.train import train
 
     hyper: dict[str, object] = {
         "hidden": tuple(args.hidden),
@@ -51,7 +51,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from streamdqn.evaluate import evaluate, format_report, write_decisions
+    from streamdqn.offline.evaluate import evaluate, format_report, write_decisions
 
     report = evaluate(args.snapshot, args.events, seed=args.seed)
     if args.decisions_out:
@@ -64,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     import asyncio
 
     from streamdqn.config import load_settings
-    from streamdqn.daemon import Daemon
+    from streamdqn.daemon.server import Daemon
     from streamdqn.logs import configure_logging
 
     settings = load_settings(args.config)
@@ -76,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import asyncio
 
-    from streamdqn.demo import run_demo
+    from streamdqn.daemon.demo import run_demo
     from streamdqn.logs import configure_logging
 
     configure_logging(json_format=False, level="WARNING" if args.quiet else "INFO")
@@ -85,8 +85,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from streamdqn.pull import format_pull_result, pull
-    from streamdqn.signing import load_verifier
+    from streamdqn.client.pull import format_pull_result, pull
+    from streamdqn.snapshots.signing import load_verifier
 
     token = args.token_file.read_text().strip() if args.token_file else ""
     verifier = load_verifier(args.verify_alg, str(args.verify_key)) if args.verify_key else None
@@ -95,7 +95,7 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from streamdqn.report import plot_report
+    from streamdqn.offline.report import plot_report
 
     n = plot_report(args.state, args.out)
     print(f"wrote {args.out} ({n} points from {args.state})")

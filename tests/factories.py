@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
-from streamdqn.model import QNetwork
-from streamdqn.snapshots import Snapshot, SnapshotStore, publish_snapshot
-from streamdqn.telemetry import COUNT_FIELDS, FLAG_FIELDS, TelemetryEvent
+from streamdqn.learning.model import QNetwork
+from streamdqn.snapshots.store import Snapshot, SnapshotStore, publish_snapshot
+from streamdqn.stream.wire import COUNT_FIELDS, FLAG_FIELDS, TelemetryEvent
 
 MAX_COUNT = 2**53
 

@@ -26,9 +26,9 @@ import msgpack
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from streamdqn.broker import EmbeddedBroker, free_port
-from streamdqn.ingest import KafkaOptions, ensure_topics
-from streamdqn.simulator import simulate
+from streamdqn.kafka.broker import EmbeddedBroker, free_port
+from streamdqn.kafka.source import KafkaOptions, ensure_topics
+from streamdqn.offline.simulator import simulate
 
 REPO = Path(__file__).resolve().parents[2]
 

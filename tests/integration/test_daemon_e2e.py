@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from streamdqn.pull import pull
+from streamdqn.client.pull import pull
 from tests.integration.conftest import DaemonProcess, Message, consume_all, encode_events, produce, sim_events
 
 pytestmark = pytest.mark.integration

@@ -32,10 +32,10 @@ from aiokafka import AIOKafkaConsumer
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from streamdqn.broker import EmbeddedBroker, free_port
-from streamdqn.checkpoints import CheckpointStore
-from streamdqn.snapshots import sha256_hex
-from streamdqn.telemetry import ACTION_NAMES, COUNT_FIELDS, FLAG_FIELDS, decode
+from streamdqn.kafka.broker import EmbeddedBroker, free_port
+from streamdqn.learning.checkpoints import CheckpointStore
+from streamdqn.snapshots.store import sha256_hex
+from streamdqn.stream.wire import ACTION_NAMES, COUNT_FIELDS, FLAG_FIELDS, decode
 from tests.factories import event_dict
 from tests.integration.conftest import (
     FAST,

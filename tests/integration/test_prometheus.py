@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from streamdqn.broker import free_port, wait_for_port
+from streamdqn.kafka.broker import free_port, wait_for_port
 from tests.integration.conftest import encode_events, produce, sim_events
 
 pytestmark = pytest.mark.integration

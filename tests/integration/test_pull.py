@@ -17,17 +17,17 @@ import onnxruntime as ort
 import pytest
 from aiohttp import web
 
+from streamdqn.client.pull import PullResult, format_pull_result, pull
 from streamdqn.errors import ConfigError, SnapshotError, SnapshotVerifyError
-from streamdqn.pull import PullResult, format_pull_result, pull
-from streamdqn.server import build_app, start_http, stop_http
-from streamdqn.signing import (
+from streamdqn.serve.app import build_app, start_http, stop_http
+from streamdqn.snapshots.signing import (
     Ed25519Signer,
     Ed25519Verifier,
     HmacSigner,
     HmacVerifier,
     generate_ed25519_keypair,
 )
-from streamdqn.snapshots import Snapshot, SnapshotStore, sha256_hex
+from streamdqn.snapshots.store import Snapshot, SnapshotStore, sha256_hex
 from tests.factories import publish_small
 
 pytestmark = pytest.mark.integration

@@ -35,17 +35,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from streamdqn.broker import free_port
-from streamdqn.checkpoints import CheckpointStore
 from streamdqn.config import load_settings
-from streamdqn.daemon import kafka_options
-from streamdqn.evaluate import OnnxPolicy, evaluate_policy
-from streamdqn.ingest import client_security
-from streamdqn.signing import generate_ed25519_keypair
-from streamdqn.simulator import simulate
-from streamdqn.snapshots import sha256_hex
-from streamdqn.telemetry import validate_records
-from streamdqn.transitions import RewardTable, split_episodes
+from streamdqn.daemon.server import kafka_options
+from streamdqn.kafka.broker import free_port
+from streamdqn.kafka.source import client_security
+from streamdqn.learning.checkpoints import CheckpointStore
+from streamdqn.offline.dataset import split_episodes
+from streamdqn.offline.evaluate import evaluate_policy
+from streamdqn.offline.simulator import simulate
+from streamdqn.snapshots.policy import OnnxPolicy
+from streamdqn.snapshots.signing import generate_ed25519_keypair
+from streamdqn.snapshots.store import sha256_hex
+from streamdqn.stream.rewards import RewardTable
+from streamdqn.stream.wire import validate_records
 from tests.integration.conftest import (
     FAST,
     DaemonProcess,

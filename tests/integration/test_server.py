@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from streamdqn.server import build_app, etag_matches, start_http, stop_http
-from streamdqn.signing import HmacSigner
-from streamdqn.snapshots import SnapshotStore
+from streamdqn.serve.app import build_app, etag_matches, start_http, stop_http
+from streamdqn.snapshots.signing import HmacSigner
+from streamdqn.snapshots.store import SnapshotStore
 from tests.factories import publish_small
 
 pytestmark = pytest.mark.integration

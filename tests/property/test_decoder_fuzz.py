@@ -11,7 +11,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamdqn.telemetry import (
+from streamdqn.stream.wire import (
     REASON_DECODE,
     REASON_SHAPE,
     REASON_TOO_LARGE,

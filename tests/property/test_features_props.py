@@ -13,9 +13,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamdqn.features import FEATURE_DIM, featurize, featurize_episode, new_carry
-from streamdqn.telemetry import TelemetryEvent, raw_matrix
-from streamdqn.transitions import EpisodeTracker
+from streamdqn.stream.episodes import EpisodeTracker
+from streamdqn.stream.features import FEATURE_DIM, featurize, featurize_episode, new_carry
+from streamdqn.stream.wire import TelemetryEvent, raw_matrix
 from tests.factories import activity, make_event, severity
 
 PROPS = settings(max_examples=100, deadline=None)

@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamdqn.replay import ReplayBuffer, ReplaySamples
+from streamdqn.learning.replay.buffer import ReplayBuffer, ReplaySamples
 
 OBS_DIM = 3
 PROPS = settings(max_examples=100, deadline=None)

@@ -13,9 +13,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamdqn.features import FEATURE_NAMES
-from streamdqn.telemetry import Action, TelemetryEvent
-from streamdqn.transitions import EpisodeTracker, RewardTable, TransitionBatch
+from streamdqn.stream.episodes import EpisodeTracker, TransitionBatch
+from streamdqn.stream.features import FEATURE_NAMES
+from streamdqn.stream.rewards import RewardTable
+from streamdqn.stream.wire import Action, TelemetryEvent
 from tests.factories import make_event
 
 PROPS = settings(max_examples=100, deadline=None)

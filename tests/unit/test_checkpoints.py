@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from streamdqn.checkpoints import FORMAT, CheckpointStore, load_checkpoint
 from streamdqn.errors import CheckpointError
+from streamdqn.learning.checkpoints import FORMAT, CheckpointStore, load_checkpoint
 
 
 class Planted:
@@ -119,7 +119,7 @@ def test_a_file_size_limit_fails_the_save_with_the_os_error(tmp_path: Path) -> N
     script = (
         "import resource, sys, torch\n"
         "from pathlib import Path\n"
-        "from streamdqn.checkpoints import CheckpointStore\n"
+        "from streamdqn.learning.checkpoints import CheckpointStore\n"
         "hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))\n"
         "state = {'w': torch.randn(300, 300), 'rows': [torch.randn(20, 30) for _ in range(50)]}\n"

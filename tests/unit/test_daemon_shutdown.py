@@ -14,10 +14,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from streamdqn.checkpoints import CheckpointStore
 from streamdqn.config import load_settings
-from streamdqn.daemon import EXIT_OK, Daemon
-from streamdqn.ingest import DeadLetter, MemorySource, Record
+from streamdqn.daemon.server import EXIT_OK, Daemon
+from streamdqn.learning.checkpoints import CheckpointStore
+from streamdqn.stream.sources import DeadLetter, MemorySource, Record
 from tests.factories import event_dict
 
 

@@ -12,32 +12,34 @@ import numpy as np
 import pytest
 
 from streamdqn.errors import ConfigError, SnapshotError
-from streamdqn.evaluate import (
+from streamdqn.learning.learner import DQNLearner, LearnerSettings
+from streamdqn.offline.baselines import (
     CLASS_NAMES,
-    POLICY_NAMES,
-    Decision,
-    EpisodeBatch,
-    OnnxPolicy,
-    Policy,
     always_ignore,
-    evaluate,
-    evaluate_policy,
     fit_logistic_baseline,
-    format_report,
-    load_snapshot_model,
     oracle_policy,
     random_policy,
-    read_decisions,
-    replay,
     review_at_step0,
     severity_class,
+)
+from streamdqn.offline.dataset import EpisodeData, split_episodes
+from streamdqn.offline.evaluate import (
+    POLICY_NAMES,
+    Decision,
+    evaluate,
+    evaluate_policy,
+    format_report,
+    load_snapshot_model,
+    read_decisions,
     write_decisions,
 )
-from streamdqn.learner import DQNLearner, LearnerSettings
-from streamdqn.simulator import simulate, write_events
-from streamdqn.snapshots import MODEL_FILE, SnapshotStore, publish_snapshot
-from streamdqn.telemetry import validate_records
-from streamdqn.transitions import EpisodeData, RewardTable, split_episodes
+from streamdqn.offline.simulator import simulate, write_events
+from streamdqn.snapshots.layout import MODEL_FILE
+from streamdqn.snapshots.policy import OnnxPolicy
+from streamdqn.snapshots.store import SnapshotStore, publish_snapshot
+from streamdqn.stream.rewards import RewardTable
+from streamdqn.stream.scoring import EpisodeBatch, Policy, replay
+from streamdqn.stream.wire import validate_records
 
 Record = dict[str, object]
 TABLE = RewardTable()

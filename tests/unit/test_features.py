@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from streamdqn.features import (
+from streamdqn.stream.features import (
     CARRY_DIM,
     FEATURE_DIM,
     FEATURE_NAMES,
@@ -17,7 +17,7 @@ from streamdqn.features import (
     featurize_episode,
     new_carry,
 )
-from streamdqn.telemetry import raw_matrix
+from streamdqn.stream.wire import raw_matrix
 from tests.factories import make_event
 
 F = {name: i for i, name in enumerate(FEATURE_NAMES)}

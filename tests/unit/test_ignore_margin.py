@@ -8,13 +8,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from streamdqn.features import RunningNormalizer
-from streamdqn.learner import DQNLearner, LearnerSettings
-from streamdqn.offline import Agent, calibrate_ignore_margin
-from streamdqn.simulator import simulate, write_events
-from streamdqn.snapshots import check_onnx, export_onnx
-from streamdqn.telemetry import read_events_file
-from streamdqn.transitions import RewardTable, split_episodes
+from streamdqn.learning.learner import DQNLearner, LearnerSettings
+from streamdqn.offline.dataset import split_episodes
+from streamdqn.offline.simulator import simulate, write_events
+from streamdqn.offline.train import Agent, calibrate_ignore_margin
+from streamdqn.snapshots.store import check_onnx, export_onnx
+from streamdqn.stream.features import RunningNormalizer
+from streamdqn.stream.rewards import RewardTable
+from streamdqn.stream.wire import read_events_file
 
 
 def _learner() -> DQNLearner:

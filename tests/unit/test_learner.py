@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from streamdqn.learner import ActingPolicy, DQNLearner, LearnerSettings, epsilon_at, resolve_device, td_loss
-from streamdqn.model import QNetwork
-from streamdqn.replay import ReplayBuffer, ReplaySamples
+from streamdqn.learning.learner import (
+    ActingPolicy,
+    DQNLearner,
+    LearnerSettings,
+    epsilon_at,
+    resolve_device,
+    td_loss,
+)
+from streamdqn.learning.model import QNetwork
+from streamdqn.learning.replay.buffer import ReplayBuffer, ReplaySamples
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -353,12 +360,12 @@ def test_a_failed_capture_falls_back_to_eager_updates(
     monkeypatch.setattr(torch.cuda, "graph", no_capture)
     settings = LearnerSettings(hidden=(16,), lr=1e-2, target_update_interval=5, device="cuda", seed=8)
     graphed, eager = DQNLearner(settings, 2, 2), DQNLearner(replace(settings, cuda_graph=False), 2, 2)
-    with caplog.at_level("WARNING", logger="streamdqn.graphs"):
+    with caplog.at_level("WARNING", logger="streamdqn.learning.graphs"):
         for batch in cuda_samples(9, [16] * 12 + [32] * 3):
             np.testing.assert_allclose(graphed.update(batch), eager.update(batch), rtol=1e-5, atol=1e-6)
     assert graphed.graphed_step is not None and not graphed.graphed_step.captured
     assert graphed.graphed_step.error == "RuntimeError: capture refused"
-    assert [r.getMessage() for r in caplog.records if r.name == "streamdqn.graphs"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "streamdqn.learning.graphs"] == [
         "CUDA graph capture failed; updates run eagerly from now on: RuntimeError: capture refused"
     ]
     assert_same_learner(graphed, eager, atol=1e-6, rtol=1e-5)

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import streamdqn
-from streamdqn.checkpoints import CheckpointStore
 from streamdqn.cli import main
 from streamdqn.errors import ConfigError
-from streamdqn.features import FEATURE_NAMES
-from streamdqn.simulator import simulate, write_events
-from streamdqn.snapshots import LATEST, MANIFEST_FILE, MODEL_FILE
-from streamdqn.telemetry import ACTION_NAMES
-from streamdqn.transitions import RewardTable
+from streamdqn.learning.checkpoints import CheckpointStore
+from streamdqn.offline.simulator import simulate, write_events
+from streamdqn.snapshots.layout import LATEST, MANIFEST_FILE, MODEL_FILE
+from streamdqn.stream.features import FEATURE_NAMES
+from streamdqn.stream.rewards import RewardTable
+from streamdqn.stream.wire import ACTION_NAMES
 
 
 @pytest.fixture(autouse=True)

@@ -12,12 +12,12 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamdqn.features import FEATURE_DIM, RunningNormalizer
-from streamdqn.ingest import Record
-from streamdqn.learner import ActingPolicy, LearnerSettings
-from streamdqn.pipeline import REASON_RATE_LIMITED, IngestPipeline, PipelineOptions, RateLimiter
-from streamdqn.telemetry import REASON_DECODE, REASON_TOO_LARGE, REASON_VALIDATION, Action
-from streamdqn.transitions import EpisodeTracker, TransitionBatch
+from streamdqn.learning.learner import ActingPolicy, LearnerSettings
+from streamdqn.stream.episodes import EpisodeTracker, TransitionBatch
+from streamdqn.stream.features import FEATURE_DIM, RunningNormalizer
+from streamdqn.stream.pipeline import REASON_RATE_LIMITED, IngestPipeline, PipelineOptions, RateLimiter
+from streamdqn.stream.sources import Record
+from streamdqn.stream.wire import REASON_DECODE, REASON_TOO_LARGE, REASON_VALIDATION, Action
 from tests.factories import event_dict, valid_event_dicts
 
 MSGPACK = (("content-type", b"application/msgpack"),)

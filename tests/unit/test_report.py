@@ -11,7 +11,8 @@ from matplotlib import image
 
 from streamdqn.cli import main
 from streamdqn.errors import StreamDQNError
-from streamdqn.report import HISTORY_FILE, HistoryPoint, append_history, plot_report, read_history
+from streamdqn.history import HISTORY_FILE, HistoryPoint, append_history, read_history
+from streamdqn.offline.report import plot_report
 
 
 def _history(state: Path, n: int = 30) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import stat
@@ -15,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from streamdqn.errors import ConfigError, SnapshotVerifyError
-from streamdqn.signing import (
+from streamdqn.snapshots.signing import (
     Ed25519Signer,
     Ed25519Verifier,
     HmacSigner,
@@ -153,12 +154,45 @@ def test_hmac_secret_is_the_stripped_file_content(tmp_path: Path, hmac_file: Pat
     verify_manifest(_signed(_manifest(), HmacSigner.from_file(hmac_file)), HmacVerifier.from_file(bare))
 
 
-def test_payload_matches_the_one_snapshots_signs() -> None:
-    # signing keeps its own copy so that `pull` need not import torch; both must agree byte for byte.
-    from streamdqn import snapshots
+def test_a_manifest_the_store_signs_verifies_and_every_signed_field_is_covered(
+    tmp_path: Path, ed_keys: tuple[Path, Path]
+) -> None:
+    """What SnapshotStore.publish writes verifies with the matching key, and changing any one value
+    that the store put into the manifest (or the signature itself) makes verification fail."""
+    from tests.factories import publish_small
 
-    for manifest in (_manifest(), _manifest(signature={"algorithm": "x", "value": "y"}), {"ü": [1.0, None]}):
-        assert signed_payload(manifest) == snapshots.signed_payload(manifest)
+    from streamdqn.snapshots.store import SnapshotStore
+
+    private, public = ed_keys
+    store = SnapshotStore(tmp_path / "snapshots")
+    snapshot = publish_small(store, seed=1, signer=Ed25519Signer.from_pem_file(private))
+    verifier = Ed25519Verifier.from_pem_file(public)
+    manifest = json.loads((snapshot.path / "manifest.json").read_bytes())
+    verify_manifest(manifest, verifier)
+
+    for key in [k for k in manifest if k != "signature"]:
+        tampered = copy.deepcopy(manifest)
+        tampered[key] = _changed(tampered[key])
+        with pytest.raises(SnapshotVerifyError):
+            verify_manifest(tampered, verifier)
+    forged = copy.deepcopy(manifest)
+    forged["signature"]["value"] = forged["signature"]["value"][::-1]
+    with pytest.raises(SnapshotVerifyError):
+        verify_manifest(forged, verifier)
+
+
+def _changed(value: Any) -> Any:
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, list):
+        return [*value, 0]
+    if isinstance(value, dict):
+        return {**value, "tampered": True}
+    return "tampered"
 
 
 def test_none_algorithm_needs_no_key() -> None:

@@ -12,7 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamdqn.simulator import BENIGN_KINDS, MALWARE_FAMILIES, format_for_path, simulate, write_events
+from streamdqn.offline.simulator import (
+    BENIGN_KINDS,
+    MALWARE_FAMILIES,
+    format_for_path,
+    simulate,
+    write_events,
+)
 
 Event = dict[str, object]
 

@@ -17,11 +17,9 @@ import pytest
 import torch
 
 from streamdqn.errors import SnapshotError
-from streamdqn.model import QNetwork
-from streamdqn.snapshots import (
-    LATEST,
-    MANIFEST_FILE,
-    MODEL_FILE,
+from streamdqn.learning.model import QNetwork
+from streamdqn.snapshots.layout import LATEST, MANIFEST_FILE, MODEL_FILE
+from streamdqn.snapshots.store import (
     PARITY_TOLERANCE,
     SnapshotStore,
     check_onnx,

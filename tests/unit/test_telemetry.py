@@ -10,7 +10,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from streamdqn.telemetry import (
+from streamdqn.stream.wire import (
     RAW_FIELDS,
     REASON_DECODE,
     REASON_SHAPE,

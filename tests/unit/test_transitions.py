@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from streamdqn.features import FEATURE_NAMES
-from streamdqn.telemetry import Action, TelemetryEvent
-from streamdqn.transitions import (
+from streamdqn.offline.dataset import split_episodes
+from streamdqn.stream.episodes import (
     REASON_DUPLICATE,
     REASON_EPISODE_CLOSED,
     REASON_OUT_OF_ORDER,
     EpisodeTracker,
-    RewardTable,
     TransitionBatch,
-    split_episodes,
 )
+from streamdqn.stream.features import FEATURE_NAMES
+from streamdqn.stream.rewards import RewardTable
+from streamdqn.stream.wire import Action, TelemetryEvent
 from tests.factories import make_event
 
 IGNORE, CONTAIN, TERMINATE, QUARANTINE, REVIEW = (int(a) for a in Action)

@@ -10,62 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
+from streamdqn.stream.sources import DeadLetter, PartitionsCallback, Record
+
 log = logging.getLogger(__name__)
 
 # Brokers refuse records above message.max.bytes (1 MB by default): a larger bad record is dead-lettered
 # truncated, with its full size in a header; the original stays in the source topic at the offset named.
 DLQ_MAX_VALUE_BYTES = 512 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    value: bytes
-    key: bytes | None = None
-    headers: tuple[tuple[str, bytes], ...] = ()
-
-    def header(self, name: str) -> bytes | None:
-        for k, v in self.headers:
-            if k.lower() == name:
-                return v
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    record: Record
-    reason: str
-    detail: str
-
-
-PartitionsCallback = Callable[[set[int]], Awaitable[None]]
-
-
-class RecordSource(Protocol):
-    """What the daemon needs from a stream of telemetry records."""
-
-    async def start(self) -> None: ...
-    async def stop(self) -> None: ...
-    async def fetch(self, timeout_ms: int) -> list[Record]: ...
-    def assignment(self) -> set[int]: ...
-    def highwater(self) -> dict[int, int]: ...
-    def pause(self) -> None: ...
-    def resume(self) -> None: ...
-    async def commit(self, offsets: dict[int, int]) -> None: ...
-    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None: ...
-    async def announce(self, payload: bytes) -> None: ...
-    async def broker_reachable(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -352,59 +311,3 @@ async def ensure_topics(options: KafkaOptions, topics: dict[str, int]) -> None:
                 await admin.create_topics(new)
     finally:
         await admin.close()
-
-
-class MemorySource:
-    """Records from a list: the daemon run without a broker (tests, tools). One partition per value."""
-
-    def __init__(self, records: Sequence[Record] = ()) -> None:
-        self._records = list(records)
-        self._next = 0
-        self.committed: dict[int, int] = {}
-        self.dead_letters: list[DeadLetter] = []
-        self.announcements: list[bytes] = []
-        self.paused = False
-
-    def add(self, records: Sequence[Record]) -> None:
-        self._records.extend(records)
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    async def fetch(self, timeout_ms: int) -> list[Record]:
-        if self.paused or self._next >= len(self._records):
-            await asyncio.sleep(min(timeout_ms, 50) / 1000)
-            return []
-        batch = self._records[self._next : self._next + 500]
-        self._next += len(batch)
-        return batch
-
-    def assignment(self) -> set[int]:
-        return {r.partition for r in self._records} or {0}
-
-    def highwater(self) -> dict[int, int]:
-        marks: dict[int, int] = {}
-        for r in self._records:
-            marks[r.partition] = max(marks.get(r.partition, 0), r.offset + 1)
-        return marks
-
-    def pause(self) -> None:
-        self.paused = True
-
-    def resume(self) -> None:
-        self.paused = False
-
-    async def commit(self, offsets: dict[int, int]) -> None:
-        self.committed.update(offsets)
-
-    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
-        self.dead_letters.extend(letters)
-
-    async def announce(self, payload: bytes) -> None:
-        self.announcements.append(payload)
-
-    async def broker_reachable(self) -> bool:
-        return True

@@ -28,27 +28,31 @@ import numpy as np
 import torch
 
 from streamdqn import __version__
-from streamdqn.background import LearnerRunner, ProcessRunner, RunnerOptions, ThreadRunner
-from streamdqn.checkpoints import CheckpointStore
 from streamdqn.config import Settings
-from streamdqn.evaluate import OnnxPolicy, PublishGate, evaluate_rows
-from streamdqn.features import FEATURE_DIM, FeatureSpec, RunningNormalizer
-from streamdqn.ingest import DeadLetter, KafkaOptions, KafkaSource, RecordSource, ensure_topics
-from streamdqn.learner import ActingPolicy, DQNLearner, LearnerSettings, resolve_device
+from streamdqn.daemon.sdnotify import SystemdNotifier
+from streamdqn.history import HistoryPoint, append_history
+from streamdqn.kafka.source import KafkaOptions, KafkaSource, ensure_topics
+from streamdqn.learning.checkpoints import CheckpointStore
+from streamdqn.learning.learner import ActingPolicy, DQNLearner, LearnerSettings, resolve_device
+from streamdqn.learning.model import QNetwork
+from streamdqn.learning.replay.buffer import ReplayBuffer
+from streamdqn.learning.runners import LearnerRunner, ProcessRunner, RunnerOptions, ThreadRunner
 from streamdqn.logs import last_kafka_error
-from streamdqn.metrics import DaemonMetrics, MetricsSnapshot
-from streamdqn.model import QNetwork
-from streamdqn.pipeline import IngestPipeline, PipelineOptions, RateLimiter
-from streamdqn.replay import ReplayBuffer
-from streamdqn.report import HistoryPoint, append_history
-from streamdqn.sdnotify import SystemdNotifier
-from streamdqn.server import build_app, start_http, stop_http
-from streamdqn.signing import load_signer
-from streamdqn.snapshots import SnapshotStore, publish_snapshot
-from streamdqn.telemetry import ACTION_NAMES, Action
-from streamdqn.transitions import EpisodeTracker, RewardTable, TransitionBatch
+from streamdqn.serve.app import build_app, start_http, stop_http
+from streamdqn.serve.metrics import DaemonMetrics, MetricsSnapshot
+from streamdqn.snapshots.gate import PublishGate
+from streamdqn.snapshots.policy import OnnxPolicy
+from streamdqn.snapshots.signing import load_signer
+from streamdqn.snapshots.store import SnapshotStore, publish_snapshot
+from streamdqn.stream.episodes import EpisodeTracker, TransitionBatch
+from streamdqn.stream.features import FEATURE_DIM, FeatureSpec, RunningNormalizer
+from streamdqn.stream.pipeline import IngestPipeline, PipelineOptions, RateLimiter
+from streamdqn.stream.rewards import RewardTable
+from streamdqn.stream.scoring import evaluate_rows
+from streamdqn.stream.sources import DeadLetter, RecordSource
+from streamdqn.stream.wire import ACTION_NAMES, Action
 
-log = logging.getLogger("streamdqn.daemon")
+log = logging.getLogger("streamdqn.daemon.server")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaProducer
 
-from streamdqn.broker import EmbeddedBroker
 from streamdqn.config import Settings, load_settings
-from streamdqn.daemon import Daemon
-from streamdqn.ingest import KafkaOptions, ensure_topics
-from streamdqn.simulator import simulate
+from streamdqn.daemon.server import Daemon
+from streamdqn.kafka.broker import EmbeddedBroker
+from streamdqn.kafka.source import KafkaOptions, ensure_topics
+from streamdqn.offline.simulator import simulate
 
-log = logging.getLogger("streamdqn.demo")
+log = logging.getLogger("streamdqn.daemon.demo")
 
 
 def demo_settings(bootstrap: str, state_dir: Path, http_port: int, publish_interval: float) -> Settings:

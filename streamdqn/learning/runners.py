@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from streamdqn.learner import DQNLearner, LearnerSettings
-from streamdqn.replay import ReplayBuffer
+from streamdqn.learning.learner import DQNLearner, LearnerSettings
+from streamdqn.learning.replay.buffer import ReplayBuffer
 
 log = logging.getLogger(__name__)
 

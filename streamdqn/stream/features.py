@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streamdqn.telemetry import COUNT_FIELDS, FLAG_FIELDS, RAW_FIELDS
+from streamdqn.stream.wire import COUNT_FIELDS, FLAG_FIELDS, RAW_FIELDS
 
 FEATURE_VERSION = 1
 _N_COUNTS = len(COUNT_FIELDS)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from streamdqn.replay import ReplaySamples
+from streamdqn.learning.replay.buffer import ReplaySamples
 
 log = logging.getLogger(__name__)
 

@@ -17,15 +17,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from streamdqn.checkpoints import CheckpointStore
 from streamdqn.errors import ConfigError
-from streamdqn.features import FEATURE_DIM, FeatureSpec, RunningNormalizer
-from streamdqn.learner import DQNLearner, LearnerSettings
-from streamdqn.replay import ReplayBuffer
-from streamdqn.report import HistoryPoint, append_history, plot_report
-from streamdqn.snapshots import Snapshot, SnapshotStore, publish_snapshot
-from streamdqn.telemetry import ACTION_NAMES, Action, read_events_file
-from streamdqn.transitions import EpisodeData, EpisodeTracker, RewardTable, TransitionBatch, split_episodes
+from streamdqn.history import HistoryPoint, append_history
+from streamdqn.learning.checkpoints import CheckpointStore
+from streamdqn.learning.learner import DQNLearner, LearnerSettings
+from streamdqn.learning.replay.buffer import ReplayBuffer
+from streamdqn.offline.dataset import EpisodeData, split_episodes
+from streamdqn.offline.report import plot_report
+from streamdqn.snapshots.store import Snapshot, SnapshotStore, publish_snapshot
+from streamdqn.stream.episodes import EpisodeTracker, TransitionBatch
+from streamdqn.stream.features import FEATURE_DIM, FeatureSpec, RunningNormalizer
+from streamdqn.stream.rewards import RewardTable
+from streamdqn.stream.wire import ACTION_NAMES, Action, read_events_file
 
 
 @dataclass
@@ -91,7 +94,7 @@ def load_episodes(telemetry_file: Path | None, seed: int) -> tuple[list[EpisodeD
     """Episodes of a telemetry file, or of 1,000 simulated ones when no file is given; and the reject
     count."""
     if telemetry_file is None:
-        from streamdqn.simulator import simulate, write_events
+        from streamdqn.offline.simulator import simulate, write_events
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "simulated.jsonl"
@@ -241,7 +244,7 @@ def calibrate_ignore_margin(
     Responding is final while waiting is not, and a benign episode offers 8-30 chances for a small
     Q error to trigger a false positive; one calibrated margin counters that. Returns (margin, return).
     """
-    from streamdqn.evaluate import EpisodeBatch, metrics_of, replay
+    from streamdqn.offline.evaluate import EpisodeBatch, metrics_of, replay
 
     batch = EpisodeBatch.of(list(episodes))
     q = agent.q_values(batch.features)
@@ -260,7 +263,7 @@ def calibrate_ignore_margin(
 def publish_final_snapshot(
     agent: Agent, episodes: Sequence[EpisodeData], state_dir: Path, events: int, transitions: int
 ) -> Snapshot:
-    from streamdqn.evaluate import evaluate_policy
+    from streamdqn.offline.evaluate import evaluate_policy
 
     metrics, _ = evaluate_policy(lambda x: agent.act(x), list(episodes), agent.rewards)
     probe = np.concatenate([e.features for e in episodes[:64]])

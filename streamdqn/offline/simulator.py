@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streamdqn.atomic import atomic_write
-from streamdqn.telemetry import COUNT_FIELDS, FLAG_FIELDS
+from streamdqn.stream.wire import COUNT_FIELDS, FLAG_FIELDS
 
 __all__ = ["BENIGN_KINDS", "MALWARE_FAMILIES", "format_for_path", "simulate", "write_events"]
 

@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamdqn.features import RunningNormalizer
-from streamdqn.ingest import DeadLetter, Record
-from streamdqn.learner import ActingPolicy
-from streamdqn.telemetry import Reject, TelemetryEvent, decode, parse_message, validate_records_safely
-from streamdqn.transitions import EpisodeTracker, TransitionBatch
+from streamdqn.learning.learner import ActingPolicy
+from streamdqn.stream.episodes import EpisodeTracker, TransitionBatch
+from streamdqn.stream.features import RunningNormalizer
+from streamdqn.stream.sources import DeadLetter, Record
+from streamdqn.stream.wire import Reject, TelemetryEvent, decode, parse_message, validate_records_safely
 
 REASON_RATE_LIMITED = "rate_limited"
 

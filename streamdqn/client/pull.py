@@ -28,11 +28,9 @@ from typing import Any
 
 from streamdqn.atomic import atomic_write_bytes, fsync_dir
 from streamdqn.errors import ConfigError, SnapshotError, SnapshotVerifyError
-from streamdqn.signing import Verifier, verify_manifest
+from streamdqn.snapshots.layout import MANIFEST_FILE, MODEL_FILE
+from streamdqn.snapshots.signing import Verifier, verify_manifest
 
-# The file names of a snapshot, on the server and in out_dir (as streamdqn.snapshots writes them).
-MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "manifest.json"
 ETAG_FILE = ".etag"
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_MODEL_BYTES = 1024 * 1024 * 1024

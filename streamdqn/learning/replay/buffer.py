@@ -9,8 +9,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from streamdqn.replay.sampler import UniformSampler
-from streamdqn.replay.storage import TensorRing, transition_bytes
+from streamdqn.learning.replay.sampler import UniformSampler
+from streamdqn.learning.replay.storage import TensorRing, transition_bytes
 
 
 class ReplaySamples(NamedTuple):

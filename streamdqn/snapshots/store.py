@@ -30,14 +30,19 @@ import torch
 
 from streamdqn.atomic import atomic_write_bytes, fsync_dir
 from streamdqn.errors import SnapshotError
-from streamdqn.model import PolicyHead, QNetwork
-from streamdqn.signing import signed_payload
+from streamdqn.learning.model import PolicyHead, QNetwork
+from streamdqn.snapshots.layout import (
+    LATEST,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    latest_version,
+    version_dir,
+    versions,
+)
+from streamdqn.snapshots.signing import signed_payload
 
 OPSET = 17
 PARITY_TOLERANCE = 1e-4
-MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "manifest.json"
-LATEST = "latest"
 
 
 def export_onnx(q: QNetwork) -> bytes:
@@ -109,7 +114,7 @@ def package_versions() -> dict[str, str]:
 
 
 class Signer(Protocol):
-    """Signs a manifest's canonical JSON (see streamdqn.signing)."""
+    """Signs a manifest's canonical JSON (see streamdqn.snapshots.signing)."""
 
     algorithm: str
 
@@ -142,17 +147,13 @@ class SnapshotStore:
                 stale.unlink(missing_ok=True)
 
     def versions(self) -> list[int]:
-        return sorted(int(p.name) for p in self.root.iterdir() if p.name.isdigit() and p.is_dir())
+        return versions(self.root)
 
     def latest_version(self) -> int | None:
-        try:
-            target = os.readlink(self.root / LATEST)
-        except OSError:
-            return None
-        return int(target) if target.isdigit() else None
+        return latest_version(self.root)
 
     def path_of(self, version: int) -> Path:
-        return self.root / str(version)
+        return version_dir(self.root, version)
 
     def read(self, version: int | None = None) -> Snapshot:
         """A published snapshot (the latest by default), its manifest parsed."""

@@ -1,7 +1,7 @@
 """DQN learning: a pure td_loss(), DQNLearner (networks + optimizer), and the epsilon schedule.
 
 The learner's boundary is narrow on purpose: replay samples in, weights and stats out. That is what
-lets it run as a thread or in its own process over shared-memory replay (see streamdqn.background).
+lets it run as a thread or in its own process over shared-memory replay (see streamdqn.learning.runners).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamdqn.graphs import GraphedStep
-from streamdqn.model import QNetwork
-from streamdqn.replay import ReplaySamples
+from streamdqn.learning.graphs import GraphedStep
+from streamdqn.learning.model import QNetwork
+from streamdqn.learning.replay.buffer import ReplaySamples
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class LearnerSettings:
     # already teach every response's reward at each visited step: exploring by watching covers more.
     explore_ignore_probability: float | None = 1.0
     device: str = "auto"
-    cuda_graph: bool = True  # on CUDA, replay each update from a captured CUDA graph (streamdqn.graphs)
+    cuda_graph: bool = True  # on CUDA, replay each update from a captured CUDA graph (learning.graphs)
     seed: int | None = None
 
     def as_dict(self) -> dict[str, object]:
@@ -116,7 +116,7 @@ class LearnerCounters:
 class DQNLearner:
     """Owns the online and target networks and the optimizer.
 
-    On CUDA with `settings.cuda_graph`, each update is replayed from a CUDA graph (see streamdqn.graphs):
+    On CUDA with `settings.cuda_graph`, each update is replayed from a CUDA graph (see learning.graphs):
     the same update, launched as one graph. That is why everything an update reads is changed in place.
     """
 

@@ -24,7 +24,6 @@ import hmac
 import json
 import logging
 import os
-import re
 import stat
 import threading
 from collections import OrderedDict
@@ -35,13 +34,11 @@ from typing import Any
 
 from aiohttp import web
 
-from streamdqn.snapshots import LATEST, MANIFEST_FILE, MODEL_FILE
+from streamdqn.snapshots import layout
+from streamdqn.snapshots.layout import LATEST, MANIFEST_FILE, MODEL_FILE, VERSION_RE
 
 log = logging.getLogger(__name__)
 
-# Canonical form only, so that each version has exactly one URL (and one cache entry downstream).
-# [0-9] with re.ASCII: \d would also match Arabic-Indic or fullwidth digits, which int() turns into 1.
-_VERSION_RE = re.compile(r"[1-9][0-9]{0,11}", re.ASCII)
 _FILES = {MODEL_FILE: "application/octet-stream", MANIFEST_FILE: "application/json"}
 CACHE_VERSIONS = 4
 IMMUTABLE = "max-age=31536000, immutable"
@@ -81,18 +78,10 @@ class SnapshotFiles:
 
     def latest_version(self) -> int | None:
         """Read the `latest` symlink once; None when nothing is published."""
-        try:
-            target = os.readlink(self.root / LATEST)
-        except OSError:
-            return None
-        return int(target) if _VERSION_RE.fullmatch(target) else None
+        return layout.latest_version(self.root)
 
     def versions(self) -> list[int]:
-        try:
-            names = [entry.name for entry in os.scandir(self.root) if entry.is_dir(follow_symlinks=False)]
-        except OSError:
-            return []
-        return sorted(int(name) for name in names if _VERSION_RE.fullmatch(name))
+        return layout.versions(self.root)
 
     def listing(self) -> dict[str, Any]:
         return {"latest": self.latest_version(), "versions": self.versions()}
@@ -213,7 +202,7 @@ def build_app(
 
     async def snapshot_file(request: web.Request) -> web.StreamResponse:
         segment, name = request.match_info["version"], request.match_info["name"]
-        if name not in _FILES or not (segment == LATEST or _VERSION_RE.fullmatch(segment)):
+        if name not in _FILES or not (segment == LATEST or VERSION_RE.fullmatch(segment)):
             raise web.HTTPNotFound()
         is_latest = segment == LATEST
         try:
