@@ -8,9 +8,10 @@ import zlib
 
 import msgpack
 
-from streamdqn.learning.learner import ActingPolicy, LearnerSettings
+from streamdqn.learning.learner import ActingPolicy
 from streamdqn.learning.replay.buffer import ReplayBuffer
 from streamdqn.learning.runners import LearnerRunner
+from streamdqn.learning.settings import LearnerSettings
 from streamdqn.offline.simulator import simulate
 from streamdqn.stream.episodes import EpisodeTracker, TransitionBatch
 from streamdqn.stream.features import FEATURE_DIM, RunningNormalizer
@@ -75,7 +76,7 @@ class Ingest:
         self.position += n
         events = self.pipeline.process(batch).events
         now = time.monotonic()
-        if now - self.last_housekeeping > 0.5:  # as Daemon._housekeeping does
+        if now - self.last_housekeeping > 0.5:  # as the daemon's Ingestor does
             self.last_housekeeping = now
             weights, version = self.runner.weights()
             if version != self.policy.weights_version:

@@ -43,8 +43,9 @@ from _common import emit, header, table
 from aiokafka import AIOKafkaProducer
 
 from streamdqn.daemon.demo import demo_settings
+from streamdqn.kafka.admin import ensure_topics
 from streamdqn.kafka.broker import EmbeddedBroker, free_port
-from streamdqn.kafka.source import KafkaOptions, ensure_topics
+from streamdqn.kafka.options import KafkaOptions
 from streamdqn.offline.simulator import simulate
 
 DEFAULT_INTERVAL = 300.0

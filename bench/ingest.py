@@ -37,10 +37,13 @@ from _common import Target, emit, header, ratio, report_targets, side_by_side, t
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from streamdqn.daemon.server import GC_THRESHOLDS, tune_gc
+from streamdqn.kafka.admin import ensure_topics
 from streamdqn.kafka.broker import EmbeddedBroker
-from streamdqn.kafka.source import KafkaOptions, KafkaSource, consumer_settings, ensure_topics
-from streamdqn.learning.learner import ActingPolicy, LearnerSettings
+from streamdqn.kafka.options import KafkaOptions, consumer_settings
+from streamdqn.kafka.source import KafkaSource
+from streamdqn.learning.learner import ActingPolicy
 from streamdqn.learning.replay.buffer import ReplayBuffer
+from streamdqn.learning.settings import LearnerSettings
 from streamdqn.offline.simulator import simulate
 from streamdqn.stream.episodes import EpisodeTracker, TransitionBatch
 from streamdqn.stream.features import FEATURE_DIM, RunningNormalizer
@@ -140,7 +143,7 @@ async def ceiling_pass(consumer: AIOKafkaConsumer, n: int) -> PassResult:
 
 
 def make_pipeline(capacity: int) -> tuple[IngestPipeline, ReplayBuffer]:
-    """The daemon's ingest stage, wired as Daemon._build wires it (CPU, thread mode)."""
+    """The daemon's ingest stage, wired as daemon.build wires it (CPU, thread mode)."""
     settings = LearnerSettings(device="cpu", seed=0)
     buffer = ReplayBuffer(capacity, FEATURE_DIM, "cpu", seed=0)
 

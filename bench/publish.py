@@ -52,7 +52,8 @@ from _common import emit, header, ratio, table
 from streamdqn.client.pull import pull
 from streamdqn.learning.model import QNetwork
 from streamdqn.serve.app import build_app, start_http, stop_http
-from streamdqn.snapshots.store import SnapshotStore, check_onnx, export_onnx, publish_snapshot
+from streamdqn.snapshots.export import check_onnx, export_onnx, publish_snapshot
+from streamdqn.snapshots.store import SnapshotStore
 from streamdqn.stream.features import FEATURE_DIM
 from streamdqn.stream.wire import Action
 
@@ -63,7 +64,7 @@ def default_network() -> tuple[QNetwork, np.ndarray]:
     torch.manual_seed(0)
     q = QNetwork(FEATURE_DIM, len(Action), (256, 256))
     q.set_normalization(np.full(FEATURE_DIM, 0.5), np.full(FEATURE_DIM, 2.0), 10.0)
-    # The probe Daemon._export checks parity on.
+    # The probe the daemon's Publisher checks parity on.
     probe = np.random.default_rng(0).normal(size=(64, FEATURE_DIM)).astype(np.float32) * 3
     return q.eval(), probe
 

@@ -64,13 +64,12 @@ def _run(args: argparse.Namespace) -> int:
     import asyncio
 
     from streamdqn.config import load_settings
-    from streamdqn.daemon.server import Daemon
+    from streamdqn.daemon import serve
     from streamdqn.logs import configure_logging
 
     settings = load_settings(args.config)
     configure_logging(json_format=settings.log.json_format, level=settings.log.level)
-    daemon = Daemon(settings)
-    return asyncio.run(daemon.serve())
+    return asyncio.run(serve(settings))
 
 
 def _demo(args: argparse.Namespace) -> int:

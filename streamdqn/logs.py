@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from typing import Any
 
 
 class JsonFormatter(logging.Formatter):
@@ -65,3 +66,11 @@ _LAST_KAFKA_ERROR = _LastRecord()
 def last_kafka_error() -> str | None:
     """The last error aiokafka logged (e.g. why a connection or SASL handshake failed), if any."""
     return _LAST_KAFKA_ERROR.message
+
+
+_DAEMON = logging.getLogger("streamdqn.daemon")
+
+
+def log_event(event: str, **fields: Any) -> None:
+    """One structured log line: `event` plus fields (rendered as JSON keys with log.json)."""
+    _DAEMON.info(event, extra={"fields": fields})

@@ -9,7 +9,9 @@ import torch
 from hypothesis import strategies as st
 
 from streamdqn.learning.model import QNetwork
-from streamdqn.snapshots.store import Snapshot, SnapshotStore, publish_snapshot
+from streamdqn.snapshots.export import Provenance, publish_snapshot
+from streamdqn.snapshots.manifest import FeatureSpecInfo, Normalizer, PolicyInfo
+from streamdqn.snapshots.store import Snapshot, SnapshotStore
 from streamdqn.stream.wire import COUNT_FIELDS, FLAG_FIELDS, TelemetryEvent
 
 MAX_COUNT = 2**53
@@ -90,4 +92,16 @@ def publish_small(store: SnapshotStore, seed: int, **kwargs: Any) -> Snapshot:
     """A real export of a small QNetwork; different seeds give different model bytes."""
     torch.manual_seed(seed)
     q = QNetwork(30, 5, (32, 32))
-    return publish_snapshot(store, q, np.zeros((4, 30), np.float32), info={"seed": seed}, **kwargs)
+    return publish_snapshot(store, q, np.zeros((4, 30), np.float32), Provenance(updates=seed), **kwargs)
+
+
+def policy_info(**overrides: Any) -> PolicyInfo:
+    """A valid manifest description of a policy (what the store adds comes on top)."""
+    fields: dict[str, Any] = {
+        "updates": 0, "events_learned": 0, "transitions_learned": 0,
+        "feature_spec": FeatureSpecInfo(1, [f"f{i}" for i in range(30)]), "action_names": ["ignore"],
+        "reward_table": {}, "normalizer": Normalizer(0.0, [0.0] * 30, [1.0] * 30, 10.0), "learner": {},
+        "device": "cpu",
+    }
+    fields.update(overrides)
+    return PolicyInfo(**fields)

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""The sandbox side: `streamdqn pull`. Importable without torch."""

@@ -14,12 +14,12 @@ import logging
 import time
 from pathlib import Path
 
-from aiokafka import AIOKafkaProducer
-
 from streamdqn.config import Settings, load_settings
-from streamdqn.daemon.server import Daemon
+from streamdqn.daemon.build import build
+from streamdqn.kafka.admin import ensure_topics
 from streamdqn.kafka.broker import EmbeddedBroker
-from streamdqn.kafka.source import KafkaOptions, ensure_topics
+from streamdqn.kafka.options import KafkaOptions
+from streamdqn.kafka.producer import RecordProducer
 from streamdqn.offline.simulator import simulate
 
 log = logging.getLogger("streamdqn.daemon.demo")
@@ -41,11 +41,9 @@ def demo_settings(bootstrap: str, state_dir: Path, http_port: int, publish_inter
 
 async def produce_live(bootstrap: str, topic: str, rate: float, seed: int, stop: asyncio.Event) -> int:
     """Simulated sandboxes producing to `topic` at about `rate` events/s, keyed by sandbox_id."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-    await producer.start()
     sent = 0
     started = time.monotonic()
-    try:
+    async with RecordProducer(bootstrap) as producer:
         for event in simulate(1_000_000, seed):
             if stop.is_set():
                 break
@@ -56,8 +54,6 @@ async def produce_live(bootstrap: str, topic: str, rate: float, seed: int, stop:
             if ahead > 0:
                 await asyncio.sleep(ahead)
         await producer.flush()
-    finally:
-        await producer.stop()
     return sent
 
 
@@ -68,7 +64,7 @@ async def run_demo(duration: float, rate: float, state_dir: Path, http_port: int
         k = settings.kafka
         await ensure_topics(KafkaOptions(broker.bootstrap_servers, k.topic, k.group_id),
                             {k.topic: 4, k.dlq_topic: 1, k.snapshot_topic: 1})
-        daemon = Daemon(settings)
+        daemon = await asyncio.to_thread(build, settings)
         serve = asyncio.create_task(daemon.serve())
         stop_producing = asyncio.Event()
         producer = asyncio.create_task(produce_live(broker.bootstrap_servers, k.topic, rate, seed,
@@ -86,10 +82,10 @@ async def run_demo(duration: float, rate: float, state_dir: Path, http_port: int
             await asyncio.wait_for(asyncio.shield(serve), timeout=duration)
         stop_producing.set()
         sent = await producer
-        daemon.stop_event.set()
+        daemon.stop()
         code = await serve
-        snapshot = daemon.snapshots.latest_version()
-        c = daemon.pipeline.counters if daemon.pipeline else None
-        print(f"produced {sent} events; ingested {c.events_consumed if c else 0}; "
-              f"updates {daemon.runner.stats().updates if daemon.runner else 0}; latest snapshot {snapshot}")
+        snapshot = daemon.publisher.store.latest_version()
+        consumed = daemon.ingestor.pipeline.counters.events_consumed
+        print(f"produced {sent} events; ingested {consumed}; "
+              f"updates {daemon.runner.stats().updates}; latest snapshot {snapshot}")
         return code

@@ -1,100 +1,21 @@
-"""Record sources: Kafka (aiokafka consumer group) for the daemon, memory for tests and tools.
+"""The telemetry consumer: a Kafka consumer-group member that hands out raw records.
 
-A source hands out raw records: decoding is streamdqn's own job (telemetry.decode), never
-aiokafka's value_deserializer, since a failing deserializer would redeliver the record forever.
-Only this module imports aiokafka.
+Decoding is streamdqn's own job (streamdqn.stream), never aiokafka's value_deserializer, since a
+failing deserializer would redeliver the record forever.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
-from aiokafka.helpers import create_ssl_context
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 
-from streamdqn.stream.sources import DeadLetter, PartitionsCallback, Record
+from streamdqn.kafka.options import KafkaOptions, client_security, consumer_settings, stop_client
+from streamdqn.stream.sources import PartitionsCallback, Record
 
 log = logging.getLogger(__name__)
-
-# Brokers refuse records above message.max.bytes (1 MB by default): a larger bad record is dead-lettered
-# truncated, with its full size in a header; the original stays in the source topic at the offset named.
-DLQ_MAX_VALUE_BYTES = 512 * 1024
-
-
-@dataclass(frozen=True)
-class KafkaOptions:
-    """The values KafkaSource needs, as plain values (parsed from settings at the edge)."""
-
-    bootstrap_servers: str
-    topic: str
-    group_id: str
-    dlq_topic: str = ""
-    snapshot_topic: str = ""
-    client_id: str = "streamdqn"
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str = "PLAIN"
-    sasl_plain_username: str = ""
-    sasl_plain_password: str = field(default="", repr=False)
-    ssl_cafile: str = ""
-    ssl_certfile: str = ""
-    ssl_keyfile: str = ""
-    max_poll_records: int = 2000
-    fetch_max_bytes: int = 8 * 1024 * 1024
-    max_partition_fetch_bytes: int = 1024 * 1024
-    request_timeout_ms: int = 15_000
-
-
-def consumer_settings(o: KafkaOptions) -> dict[str, object]:
-    """KafkaSource's consumer settings, security aside (bench/ingest.py's raw ceiling uses the same)."""
-    return {
-        "bootstrap_servers": o.bootstrap_servers,
-        "group_id": o.group_id,
-        "client_id": o.client_id,
-        "enable_auto_commit": False,
-        "auto_offset_reset": "earliest",
-        "max_poll_records": o.max_poll_records,
-        "fetch_max_bytes": o.fetch_max_bytes,
-        "max_partition_fetch_bytes": o.max_partition_fetch_bytes,
-        "request_timeout_ms": o.request_timeout_ms,
-    }
-
-
-def client_security(o: KafkaOptions) -> dict[str, object]:
-    """aiokafka keyword arguments for TLS and SASL (shared by consumer, producer and admin client)."""
-    kw: dict[str, object] = {"security_protocol": o.security_protocol}
-    if o.security_protocol in ("SSL", "SASL_SSL"):
-        kw["ssl_context"] = create_ssl_context(
-            cafile=o.ssl_cafile or None, certfile=o.ssl_certfile or None, keyfile=o.ssl_keyfile or None
-        )
-    if o.security_protocol.startswith("SASL"):
-        kw["sasl_mechanism"] = o.sasl_mechanism
-        kw["sasl_plain_username"] = o.sasl_plain_username
-        kw["sasl_plain_password"] = o.sasl_plain_password
-    return kw
-
-
-async def _stop_client(client: AIOKafkaConsumer | AIOKafkaProducer, what: str) -> None:
-    """Stop an aiokafka client, also when the broker is gone.
-
-    Then aiokafka 0.14's consumer.stop() raises the CancelledError of a fetch it cancelled itself
-    (Fetcher.close awaits the tasks it has just cancelled): that must not turn a clean shutdown into
-    a crash, but a cancellation of our own task must still propagate.
-    """
-    try:
-        await client.stop()
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
-        log.warning("the Kafka %s did not stop cleanly (broker unreachable)", what)
-    except (KafkaError, OSError) as exc:
-        log.warning("the Kafka %s did not stop cleanly: %r", what, exc)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -114,7 +35,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class KafkaSource:
-    """A consumer-group member on one topic, plus a producer for dead letters and announcements.
+    """A consumer-group member on the telemetry topic.
 
     `start_offsets` (partition -> next offset), set before or during a rebalance, decides where an
     assigned partition is read from: the larger of it and the group's committed offset.
@@ -132,37 +53,24 @@ class KafkaSource:
         self.on_revoked = on_revoked
         self.start_offsets: dict[int, int] = {}
         self._consumer: AIOKafkaConsumer | None = None
-        self._producer: AIOKafkaProducer | None = None
         self._paused = False
         self._unverified: dict[int, int] = {}  # partition -> offset seeked to, until a fetch confirms it
 
     async def start(self) -> None:
         o = self.options
-        security = client_security(o)
-        consumer = AIOKafkaConsumer(**consumer_settings(o), **security)
-        producer = AIOKafkaProducer(
-            bootstrap_servers=o.bootstrap_servers, client_id=o.client_id, acks="all",
-            request_timeout_ms=o.request_timeout_ms, max_request_size=16 * 1024 * 1024, **security,
-        )
+        consumer = AIOKafkaConsumer(**consumer_settings(o), **client_security(o))
         try:
-            await producer.start()
             await consumer.start()
         except BaseException:
-            await producer.stop()
             await consumer.stop()
             raise
         consumer.subscribe([o.topic], listener=_Rebalance(self))
-        self._consumer, self._producer = consumer, producer
+        self._consumer = consumer
 
     async def stop(self) -> None:
-        consumer, producer = self._consumer, self._producer
-        self._consumer = self._producer = None
-        try:
-            if consumer is not None:
-                await _stop_client(consumer, "consumer")
-        finally:
-            if producer is not None:
-                await _stop_client(producer, "producer")
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await stop_client(consumer, "consumer")
 
     async def _seek_assigned(self, partitions: set[int]) -> None:
         assert self._consumer is not None
@@ -257,57 +165,3 @@ class KafkaSource:
         tps = {TopicPartition(self.options.topic, p): o for p, o in offsets.items() if p in mine}
         if tps:
             await self._consumer.commit(tps)
-
-    async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
-        """Write dead letters and wait for every acknowledgement (raises if one fails)."""
-        if not letters or not self.options.dlq_topic:
-            return
-        assert self._producer is not None
-        futures = []
-        for letter in letters:
-            r = letter.record
-            headers = [
-                *r.headers,
-                ("streamdqn-reason", letter.reason.encode()),
-                ("streamdqn-error", letter.detail.encode()[:2000]),
-                ("streamdqn-source-topic", r.topic.encode()),
-                ("streamdqn-source-partition", str(r.partition).encode()),
-                ("streamdqn-source-offset", str(r.offset).encode()),
-            ]
-            value = r.value
-            if len(value) > DLQ_MAX_VALUE_BYTES:
-                headers.append(("streamdqn-truncated-from", str(len(value)).encode()))
-                value = value[:DLQ_MAX_VALUE_BYTES]
-            futures.append(await self._producer.send(self.options.dlq_topic, value, key=r.key,
-                                                     headers=headers))
-        await asyncio.gather(*futures)
-
-    async def announce(self, payload: bytes) -> None:
-        if self.options.snapshot_topic and self._producer is not None:
-            await self._producer.send_and_wait(self.options.snapshot_topic, payload)
-
-    async def broker_reachable(self) -> bool:
-        producer = self._producer
-        if producer is None:
-            return False
-        try:
-            await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout=5)
-            return True
-        except (KafkaError, TimeoutError, OSError):
-            return False
-
-
-async def ensure_topics(options: KafkaOptions, topics: dict[str, int]) -> None:
-    """Create topics (name -> partitions) that do not exist yet."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=options.bootstrap_servers, client_id=options.client_id, **client_security(options)
-    )
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        new = [NewTopic(name, parts, 1) for name, parts in topics.items() if name and name not in existing]
-        if new:
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(new)
-    finally:
-        await admin.close()

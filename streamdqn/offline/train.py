@@ -24,9 +24,10 @@ from streamdqn.learning.learner import DQNLearner, LearnerSettings
 from streamdqn.learning.replay.buffer import ReplayBuffer
 from streamdqn.offline.dataset import EpisodeData, split_episodes
 from streamdqn.offline.report import plot_report
-from streamdqn.snapshots.store import Snapshot, SnapshotStore, publish_snapshot
+from streamdqn.snapshots.export import Provenance, publish_snapshot
+from streamdqn.snapshots.store import Snapshot, SnapshotStore
 from streamdqn.stream.episodes import EpisodeTracker, TransitionBatch
-from streamdqn.stream.features import FEATURE_DIM, FeatureSpec, RunningNormalizer
+from streamdqn.stream.features import FEATURE_DIM, RunningNormalizer
 from streamdqn.stream.rewards import RewardTable
 from streamdqn.stream.wire import ACTION_NAMES, Action, read_events_file
 
@@ -106,25 +107,6 @@ def load_episodes(telemetry_file: Path | None, seed: int) -> tuple[list[EpisodeD
     if not episodes:
         raise ConfigError(f"{telemetry_file}: no valid events ({len(decoded.rejects)} rejected)")
     return episodes, len(decoded.rejects)
-
-
-def snapshot_info(
-    agent: Agent, events: int, transitions: int, evaluation: dict[str, Any] | None
-) -> dict[str, Any]:
-    """What a manifest says about the policy besides the model file itself."""
-    spec = FeatureSpec()
-    return {
-        "updates": agent.learner.counters.updates,
-        "events_learned": events,
-        "transitions_learned": transitions,
-        "feature_spec": {"version": spec.version, "names": list(spec.names)},
-        "action_names": list(ACTION_NAMES),
-        "reward_table": agent.rewards.as_dict(),
-        "normalizer": agent.normalizer.state_dict(),
-        "learner": agent.learner.settings.as_dict(),
-        "device": str(agent.learner.device),
-        "evaluation": evaluation or {},
-    }
 
 
 def _push(buffer: ReplayBuffer, batch: TransitionBatch) -> None:
@@ -267,6 +249,8 @@ def publish_final_snapshot(
 
     metrics, _ = evaluate_policy(lambda x: agent.act(x), list(episodes), agent.rewards)
     probe = np.concatenate([e.features for e in episodes[:64]])
-    info = snapshot_info(agent, events, transitions, {"training_episodes": metrics.as_dict()})
-    info["ignore_margin"] = float(agent.learner.online.ignore_margin)
-    return publish_snapshot(SnapshotStore(state_dir / "snapshots"), agent.learner.online, probe, info)
+    learner = agent.learner
+    provenance = Provenance(learner.counters.updates, events, transitions, agent.normalizer.count,
+                            learner.settings.as_dict(), str(learner.device))
+    return publish_snapshot(SnapshotStore(state_dir / "snapshots"), learner.online, probe, provenance,
+                            rewards=agent.rewards, evaluation={"training_episodes": metrics.as_dict()})

@@ -44,6 +44,8 @@ CACHE_VERSIONS = 4
 IMMUTABLE = "max-age=31536000, immutable"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+App = web.Application
+HttpRunner = web.AppRunner
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ HMAC_MIN_KEY_BYTES = 16
 _MAX_KEY_FILE_BYTES = 64 * 1024
 _ED25519_HINT = (
     "create a key pair with `openssl genpkey -algorithm ed25519 -out KEY.pem` and "
-    "`openssl pkey -in KEY.pem -pubout -out KEY.pub` (or streamdqn.snapshots.signing.generate_ed25519_keypair)"
+    "`openssl pkey -in KEY.pem -pubout -out KEY.pub` (or snapshots.signing.generate_ed25519_keypair)"
 )
 
 

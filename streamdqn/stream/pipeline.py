@@ -107,6 +107,7 @@ class IngestPipeline:
         self.options = options
         self.rate_limiter = rate_limiter
         self.counters = counters or Counters()
+        self._returns: list[float] = []  # of episodes finished since the last take_returns()
 
     def _source_of(self, record: Record, event: TelemetryEvent) -> str:
         key = self.options.rate_limit_key
@@ -157,6 +158,7 @@ class IngestPipeline:
             detail = "; ".join(f"[{r.index}] {r.detail}" if r.index >= 0 else r.detail for r in rejects)
             letters.append(DeadLetter(records[r_index], rejects[0].reason, detail[:2000]))
 
+        self._returns += returns
         c = self.counters
         c.events_consumed += len(observed.events)
         c.records += len(records)
@@ -239,6 +241,20 @@ class IngestPipeline:
         if len(kept) == len(events):
             return events, origin
         return [events[i] for i in kept], [origin[i] for i in kept]
+
+    def expire(self, now: float) -> int:
+        """Close episodes idle past the tracker's timeout; returns the transitions this pushed."""
+        expired = self.tracker.expire(now)
+        self.push(expired)
+        self.counters.transitions += len(expired)
+        self.counters.episodes += len(expired.episode_returns)
+        self._returns += expired.episode_returns
+        return len(expired)
+
+    def take_returns(self) -> list[float]:
+        """The returns of the episodes finished since the last call."""
+        returns, self._returns = self._returns, []
+        return returns
 
     def drop_partitions(self, partitions: set[int]) -> int:
         return self.tracker.drop_partitions(partitions)

@@ -40,7 +40,7 @@ PartitionsCallback = Callable[[set[int]], Awaitable[None]]
 
 
 class RecordSource(Protocol):
-    """What the daemon needs from a stream of telemetry records."""
+    """Where telemetry records come from: a consumer with offsets it can pause, resume and commit."""
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
@@ -50,6 +50,13 @@ class RecordSource(Protocol):
     def pause(self) -> None: ...
     def resume(self) -> None: ...
     async def commit(self, offsets: dict[int, int]) -> None: ...
+
+
+class RecordSink(Protocol):
+    """Where bad records and snapshot announcements go."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> None: ...
     async def announce(self, payload: bytes) -> None: ...
     async def broker_reachable(self) -> bool: ...
@@ -62,8 +69,6 @@ class MemorySource:
         self._records = list(records)
         self._next = 0
         self.committed: dict[int, int] = {}
-        self.dead_letters: list[DeadLetter] = []
-        self.announcements: list[bytes] = []
         self.paused = False
 
     def add(self, records: Sequence[Record]) -> None:
@@ -100,6 +105,21 @@ class MemorySource:
 
     async def commit(self, offsets: dict[int, int]) -> None:
         self.committed.update(offsets)
+
+
+
+class MemorySink:
+    """Keeps dead letters and announcements in lists (tests, tools)."""
+
+    def __init__(self) -> None:
+        self.dead_letters: list[DeadLetter] = []
+        self.announcements: list[bytes] = []
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
         self.dead_letters.extend(letters)

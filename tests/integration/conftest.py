@@ -26,8 +26,9 @@ import msgpack
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from streamdqn.kafka.admin import ensure_topics
 from streamdqn.kafka.broker import EmbeddedBroker, free_port
-from streamdqn.kafka.source import KafkaOptions, ensure_topics
+from streamdqn.kafka.options import KafkaOptions
 from streamdqn.offline.simulator import simulate
 
 REPO = Path(__file__).resolve().parents[2]

@@ -95,7 +95,7 @@ def local_state(out: Path) -> dict[str, bytes]:
 
 
 def assert_installed(out: Path, snap: Snapshot, result: PullResult) -> None:
-    assert result.version == snap.version and result.sha256 == snap.manifest["sha256"]
+    assert result.version == snap.version and result.sha256 == snap.manifest.sha256
     model = (out / "model.onnx").read_bytes()
     assert model == (snap.path / "model.onnx").read_bytes() and sha256_hex(model) == result.sha256
     assert (out / "manifest.json").read_bytes() == (snap.path / "manifest.json").read_bytes()
@@ -112,12 +112,12 @@ def test_pull_installs_then_304_then_new_version(store: SnapshotStore, out: Path
 
         stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
         again = pull(base, out, timeout=10)
-        assert not again.changed and again.version == 1 and again.sha256 == first.manifest["sha256"]
+        assert not again.changed and again.version == 1 and again.sha256 == first.manifest.sha256
         assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # nothing rewritten
         assert "is current" in format_pull_result(again)
 
         second = publish(store, 2)
-        assert second.manifest["sha256"] != first.manifest["sha256"]
+        assert second.manifest.sha256 != first.manifest.sha256
         result = pull(base, out, timeout=10)
         assert result.changed
         assert_installed(out, second, result)
@@ -207,7 +207,7 @@ def test_signed_snapshots_verify_and_tampered_manifests_are_refused(
         # A plain edit of one field, model untouched.
         third = publish(store, 3, signer=signer)
         manifest = json.loads((third.path / "manifest.json").read_bytes())
-        manifest["seed"] = 4
+        manifest["updates"] += 1
         (third.path / "manifest.json").write_text(json.dumps(manifest, indent=2))
         with pytest.raises(SnapshotVerifyError, match=f"bad {algorithm} signature"):
             pull(base, out, verifier=verifier, timeout=10)

@@ -36,9 +36,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from streamdqn.config import load_settings
-from streamdqn.daemon.server import kafka_options
+from streamdqn.daemon.build import kafka_options
 from streamdqn.kafka.broker import free_port
-from streamdqn.kafka.source import client_security
+from streamdqn.kafka.options import client_security
 from streamdqn.learning.checkpoints import CheckpointStore
 from streamdqn.offline.dataset import split_episodes
 from streamdqn.offline.evaluate import evaluate_policy

@@ -100,7 +100,7 @@ def test_routes_bodies_and_headers(store: SnapshotStore) -> None:
             for version in ("latest", "1"):
                 status, headers, body = await get(s, f"{base}/snapshots/{version}/model.onnx")
                 assert status == 200 and body == model_bytes
-                assert headers["ETag"] == f'"{first.manifest["sha256"]}"'
+                assert headers["ETag"] == f'"{first.manifest.sha256}"'
                 assert headers["Content-Type"] == "application/octet-stream"
                 assert headers["X-Snapshot-Version"] == "1"
 
@@ -148,7 +148,7 @@ def test_latest_moves_after_a_second_publish(store: SnapshotStore) -> None:
             _, headers, _ = await get(s, f"{base}/snapshots/latest/manifest.json")
             old_etag = headers["ETag"]
             second = publish(store, 2)
-            assert second.manifest["sha256"] != first.manifest["sha256"]
+            assert second.manifest.sha256 != first.manifest.sha256
 
             status, headers, body = await get(s, f"{base}/snapshots/latest/manifest.json",
                                               **{"If-None-Match": old_etag})
@@ -334,7 +334,7 @@ def test_signed_manifest_is_served_verbatim(store: SnapshotStore, tmp_path: Path
     async def test() -> None:
         async with serving(store.root) as base, aiohttp.ClientSession() as s:
             _, _, body = await get(s, f"{base}/snapshots/latest/manifest.json")
-            assert json.loads(body)["signature"] == snap.manifest["signature"]
+            assert json.loads(body)["signature"] == snap.manifest.as_dict()["signature"]
 
     run(test)
 

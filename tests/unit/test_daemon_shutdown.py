@@ -15,17 +15,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from streamdqn.config import load_settings
-from streamdqn.daemon.server import EXIT_OK, Daemon
+from streamdqn.daemon.build import build
+from streamdqn.daemon.exits import EXIT_OK
 from streamdqn.learning.checkpoints import CheckpointStore
-from streamdqn.stream.sources import DeadLetter, MemorySource, Record
+from streamdqn.stream.sources import DeadLetter, MemorySink, MemorySource, Record
 from tests.factories import event_dict
 
 
-class DeadLetterBrokerDown(MemorySource):
-    """Telemetry arrives, but no dead-letter write is ever acknowledged."""
+class DeadLetterBrokerDown(MemorySink):
+    """No dead-letter write is ever acknowledged."""
 
-    def __init__(self, records: Sequence[Record]) -> None:
-        super().__init__(records)
+    def __init__(self) -> None:
+        super().__init__()
         self.attempts = 0
 
     async def dead_letter(self, letters: Sequence[DeadLetter]) -> None:
@@ -54,10 +55,11 @@ def test_stop_with_dead_letters_pending_resumes_from_the_last_checkpoint(tmp_pat
         publish={"interval_seconds": 3600},
         lifecycle={"stop_timeout_seconds": 10},
     )
-    source = DeadLetterBrokerDown(records(0, 40))
+    source = MemorySource(records(0, 40))
+    sink = DeadLetterBrokerDown()
 
     async def scenario() -> tuple[int, float]:
-        daemon = Daemon(settings, source)
+        daemon = await asyncio.to_thread(build, settings, source, sink)
         serving = asyncio.create_task(daemon.serve())
         checkpoints = CheckpointStore(tmp_path / "state" / "checkpoints")
         deadline = time.monotonic() + 30
@@ -65,10 +67,10 @@ def test_stop_with_dead_letters_pending_resumes_from_the_last_checkpoint(tmp_pat
             assert time.monotonic() < deadline, "no checkpoint of the first 40 records"
             await asyncio.sleep(0.05)
         source.add(records(40, 5, bad=True))
-        while source.attempts < 2:  # their dead letters are being retried
+        while sink.attempts < 2:  # their dead letters are being retried
             assert time.monotonic() < deadline, "dead letters were never tried"
             await asyncio.sleep(0.05)
-        daemon.stop_event.set()
+        daemon.stop()
         started = time.monotonic()
         code = await asyncio.wait_for(serving, 20)
         return code, time.monotonic() - started

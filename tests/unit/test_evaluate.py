@@ -34,9 +34,10 @@ from streamdqn.offline.evaluate import (
     write_decisions,
 )
 from streamdqn.offline.simulator import simulate, write_events
+from streamdqn.snapshots.export import publish_snapshot
 from streamdqn.snapshots.layout import MODEL_FILE
 from streamdqn.snapshots.policy import OnnxPolicy
-from streamdqn.snapshots.store import SnapshotStore, publish_snapshot
+from streamdqn.snapshots.store import SnapshotStore
 from streamdqn.stream.rewards import RewardTable
 from streamdqn.stream.scoring import EpisodeBatch, Policy, replay
 from streamdqn.stream.wire import validate_records
@@ -123,9 +124,9 @@ def snapshots(
         # snapshots.py picks the TorchScript exporter on purpose (~150x faster); torch deprecates it
         # and its logging helpers, with several DeprecationWarnings. Only these two exports hide them.
         warnings.simplefilter("ignore", DeprecationWarning)
-        publish_snapshot(store, learner.online, probe=rows[:8], info={})
+        publish_snapshot(store, learner.online, probe=rows[:8])
         learner.set_normalization(rows.mean(axis=0), rows.std(axis=0) + 1e-3, 10.0)
-        publish_snapshot(store, learner.online, probe=rows[:8], info={})
+        publish_snapshot(store, learner.online, probe=rows[:8])
     return root, learner
 
 

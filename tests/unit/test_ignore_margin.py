@@ -12,7 +12,7 @@ from streamdqn.learning.learner import DQNLearner, LearnerSettings
 from streamdqn.offline.dataset import split_episodes
 from streamdqn.offline.simulator import simulate, write_events
 from streamdqn.offline.train import Agent, calibrate_ignore_margin
-from streamdqn.snapshots.store import check_onnx, export_onnx
+from streamdqn.snapshots.export import check_onnx, export_onnx
 from streamdqn.stream.features import RunningNormalizer
 from streamdqn.stream.rewards import RewardTable
 from streamdqn.stream.wire import read_events_file

@@ -18,6 +18,7 @@ from streamdqn.errors import ConfigError
 from streamdqn.learning.checkpoints import CheckpointStore
 from streamdqn.offline.simulator import simulate, write_events
 from streamdqn.snapshots.layout import LATEST, MANIFEST_FILE, MODEL_FILE
+from streamdqn.snapshots.manifest import SCHEMA_VERSION, parse_manifest
 from streamdqn.stream.features import FEATURE_NAMES
 from streamdqn.stream.rewards import RewardTable
 from streamdqn.stream.wire import ACTION_NAMES
@@ -74,7 +75,11 @@ def test_train_returns_agent_rewards_losses_and_writes_checkpoint_and_snapshot(
     )
     assert manifest["reward_table"] == RewardTable().as_dict()
     normalizer = manifest["normalizer"]
-    assert normalizer["count"] > 0 and len(normalizer["mean"]) == len(normalizer["m2"]) == len(FEATURE_NAMES)
+    assert normalizer["count"] > 0 and len(normalizer["mean"]) == len(normalizer["std"]) == len(FEATURE_NAMES)
+    # The normalizer in the manifest is the one baked into the model's graph.
+    np.testing.assert_allclose(normalizer["mean"], agent.normalizer.mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(normalizer["std"], agent.normalizer.std, rtol=1e-6, atol=1e-6)
+    assert parse_manifest((latest / MANIFEST_FILE).read_bytes(), "offline").schema_version == SCHEMA_VERSION
     assert manifest["evaluation"] and all(isinstance(v, dict) for v in manifest["evaluation"].values())
     assert {"streamdqn", "torch", "numpy", "onnx", "onnxruntime"} <= set(manifest["packages"])
 

@@ -159,9 +159,8 @@ def test_a_manifest_the_store_signs_verifies_and_every_signed_field_is_covered(
 ) -> None:
     """What SnapshotStore.publish writes verifies with the matching key, and changing any one value
     that the store put into the manifest (or the signature itself) makes verification fail."""
-    from tests.factories import publish_small
-
     from streamdqn.snapshots.store import SnapshotStore
+    from tests.factories import publish_small
 
     private, public = ed_keys
     store = SnapshotStore(tmp_path / "snapshots")

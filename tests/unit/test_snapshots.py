@@ -18,14 +18,10 @@ import torch
 
 from streamdqn.errors import SnapshotError
 from streamdqn.learning.model import QNetwork
+from streamdqn.snapshots.export import PARITY_TOLERANCE, Provenance, check_onnx, export_onnx, publish_snapshot
 from streamdqn.snapshots.layout import LATEST, MANIFEST_FILE, MODEL_FILE
-from streamdqn.snapshots.store import (
-    PARITY_TOLERANCE,
-    SnapshotStore,
-    check_onnx,
-    export_onnx,
-    publish_snapshot,
-)
+from streamdqn.snapshots.store import SnapshotStore
+from tests.factories import policy_info
 
 OBS_DIM, N_ACTIONS = 30, 5
 
@@ -108,30 +104,30 @@ def test_versions_are_monotonic_and_latest_follows(tmp_path: Path) -> None:
     assert store.latest_version() is None and store.versions() == []
     with pytest.raises(SnapshotError, match="no snapshot"):
         store.read()
-    published = [store.publish(f"model {i}".encode(), {"i": i}) for i in range(3)]
+    published = [store.publish(f"model {i}".encode(), policy_info(updates=i)) for i in range(3)]
     assert [s.version for s in published] == [1, 2, 3]
     assert store.versions() == [1, 2, 3]
     assert os.readlink(tmp_path / LATEST) == "3" and store.latest_version() == 3
     assert (tmp_path / LATEST / MODEL_FILE).read_bytes() == b"model 2"
     snapshot = store.read()
-    assert snapshot.version == 3 and snapshot.manifest["i"] == 2
-    assert snapshot.manifest["sha256"] == hashlib.sha256(b"model 2").hexdigest()
-    assert snapshot.manifest["version"] == 3 and snapshot.manifest["created_at"] > 0
+    assert snapshot.version == 3 and snapshot.manifest.updates == 2
+    assert snapshot.manifest.sha256 == hashlib.sha256(b"model 2").hexdigest()
+    assert snapshot.manifest.version == 3 and snapshot.manifest.created_at > 0
     # Not made latest: a new version number all the same, and latest stays.
-    quiet = store.publish(b"candidate", {}, make_latest=False)
+    quiet = store.publish(b"candidate", policy_info(), make_latest=False)
     assert quiet.version == 4 and store.latest_version() == 3
     # A store opened later continues from the highest version.
-    assert SnapshotStore(tmp_path, keep=10).publish(b"m", {}).version == 5
+    assert SnapshotStore(tmp_path, keep=10).publish(b"m", policy_info()).version == 5
 
 
 def test_retention_prunes_old_versions_but_never_latest(tmp_path: Path) -> None:
     store = SnapshotStore(tmp_path, keep=2)
     for i in range(4):
-        store.publish(f"m{i}".encode(), {})
+        store.publish(f"m{i}".encode(), policy_info())
     assert store.versions() == [3, 4]
     store.point_latest(3)
     for i in range(2):
-        store.publish(f"c{i}".encode(), {}, make_latest=False)
+        store.publish(f"c{i}".encode(), policy_info(), make_latest=False)
     assert store.latest_version() == 3
     assert 3 in store.versions() and store.versions()[-2:] == [5, 6]
     assert (tmp_path / LATEST / MODEL_FILE).read_bytes() == b"m2"
@@ -141,14 +137,14 @@ def test_retention_prunes_old_versions_but_never_latest(tmp_path: Path) -> None:
 
 def test_leftover_temp_dir_of_a_killed_writer_is_never_listed_and_cleaned(tmp_path: Path) -> None:
     store = SnapshotStore(tmp_path)
-    store.publish(b"m1", {})
+    store.publish(b"m1", policy_info())
     leftover = tmp_path / ".tmp-2-abc123"
     leftover.mkdir()
     (leftover / MODEL_FILE).write_bytes(b"half")
     stale_link = tmp_path / ".latest-99-1"
     os.symlink("1", stale_link)
     assert store.versions() == [1]
-    assert store.publish(b"m2", {}).version == 2
+    assert store.publish(b"m2", policy_info()).version == 2
     reopened = SnapshotStore(tmp_path)
     assert not leftover.exists() and not stale_link.is_symlink()
     assert reopened.versions() == [1, 2] and reopened.latest_version() == 2
@@ -157,10 +153,10 @@ def test_leftover_temp_dir_of_a_killed_writer_is_never_listed_and_cleaned(tmp_pa
 def test_publish_snapshot_writes_a_checked_model_and_its_manifest(tmp_path: Path) -> None:
     q = network(seed=2)
     with legacy_exporter():
-        snapshot = publish_snapshot(SnapshotStore(tmp_path), q, raw_inputs(16), {"updates": 12})
+        snapshot = publish_snapshot(SnapshotStore(tmp_path), q, raw_inputs(16), Provenance(updates=12))
     model = (snapshot.path / MODEL_FILE).read_bytes()
     manifest = json.loads((snapshot.path / MANIFEST_FILE).read_text())
-    assert manifest == snapshot.manifest
+    assert manifest == snapshot.manifest.as_dict()
     assert manifest["sha256"] == hashlib.sha256(model).hexdigest()
     assert manifest["updates"] == 12 and manifest["version"] == 1
     assert manifest["onnx"]["inputs"] == {"features": ["N", OBS_DIM]}

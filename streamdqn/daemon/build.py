@@ -1,0 +1,260 @@
+"""Wiring: settings in, a Server of components out. The one place that reads the whole configuration;
+every component gets the explicit values it needs.
+
+`build()` restores the newest checkpoint (it may read hundreds of MB): call it off the event loop,
+e.g. `await asyncio.to_thread(build, settings)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from streamdqn.config import Settings
+from streamdqn.daemon.checkpointer import Checkpointer
+from streamdqn.daemon.health import HealthView
+from streamdqn.daemon.ingestor import Backpressure, Ingestor
+from streamdqn.daemon.publisher import Publisher
+from streamdqn.daemon.sdnotify import SystemdNotifier
+from streamdqn.daemon.server import HttpBinding, Server
+from streamdqn.daemon.watchdog import Watchdog
+from streamdqn.kafka.admin import ensure_topics
+from streamdqn.kafka.options import KafkaOptions
+from streamdqn.kafka.sink import KafkaSink
+from streamdqn.kafka.source import KafkaSource
+from streamdqn.learning.checkpoints import CheckpointStore, LoadedCheckpoint
+from streamdqn.learning.learner import ActingPolicy, DQNLearner, resolve_device
+from streamdqn.learning.replay.buffer import ReplayBuffer
+from streamdqn.learning.runners import LearnerRunner, ProcessRunner, RunnerOptions, ThreadRunner
+from streamdqn.learning.settings import LearnerSettings
+from streamdqn.logs import log_event
+from streamdqn.serve.app import build_app
+from streamdqn.serve.metrics import DaemonMetrics
+from streamdqn.snapshots.gate import PublishGate
+from streamdqn.snapshots.signing import load_signer
+from streamdqn.snapshots.store import SnapshotStore
+from streamdqn.stream.episodes import EpisodeTracker, TransitionBatch
+from streamdqn.stream.features import FEATURE_DIM, RunningNormalizer
+from streamdqn.stream.pipeline import IngestPipeline, PipelineOptions, RateLimiter
+from streamdqn.stream.rewards import RewardTable
+from streamdqn.stream.sources import MemorySink, PartitionsCallback, RecordSink, RecordSource
+from streamdqn.stream.wire import Action
+
+log = logging.getLogger("streamdqn.daemon")
+
+
+def kafka_options(s: Settings) -> KafkaOptions:
+    k = s.kafka
+    return KafkaOptions(
+        bootstrap_servers=k.bootstrap_servers, topic=k.topic, group_id=k.group_id, dlq_topic=k.dlq_topic,
+        snapshot_topic=k.snapshot_topic, client_id=k.client_id, security_protocol=k.security_protocol,
+        sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_plain_username,
+        sasl_plain_password=k.sasl_plain_password.get_secret_value(), ssl_cafile=k.ssl_cafile,
+        ssl_certfile=k.ssl_certfile, ssl_keyfile=k.ssl_keyfile, max_poll_records=k.max_poll_records,
+        fetch_max_bytes=k.fetch_max_bytes, max_partition_fetch_bytes=k.max_partition_fetch_bytes,
+    )
+
+
+@dataclass
+class KafkaClients:
+    """The Kafka consumer and producer; the consumer seeks to `offsets` (the checkpoint's) on assignment."""
+
+    options: KafkaOptions
+    offsets: dict[int, int]
+    on_revoked: PartitionsCallback | None = None
+    bootstrap_servers: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bootstrap_servers = self.options.bootstrap_servers
+
+    async def open(self) -> tuple[RecordSource, RecordSink]:
+        o = self.options
+        await ensure_topics(o, {o.dlq_topic: 1, o.snapshot_topic: 1})
+        sink = KafkaSink(o)
+        await sink.start()
+        source = KafkaSource(o, on_assigned=_log_assigned, on_revoked=self.on_revoked)
+        source.start_offsets = self.offsets
+        try:
+            await source.start()
+        except BaseException:
+            await sink.stop()
+            raise
+        return source, sink
+
+
+@dataclass
+class GivenClients:
+    """A source and sink handed in (tests, tools): opened as they are."""
+
+    source: RecordSource
+    sink: RecordSink
+    bootstrap_servers: str = "(in memory)"
+
+    async def open(self) -> tuple[RecordSource, RecordSink]:
+        await self.sink.start()
+        await self.source.start()
+        return self.source, self.sink
+
+
+async def _log_assigned(partitions: set[int]) -> None:
+    log_event("partitions assigned", partitions=sorted(partitions))
+
+
+def build(settings: Settings, source: RecordSource | None = None, sink: RecordSink | None = None) -> Server:
+    """The daemon for `settings`, restored from its newest checkpoint; Kafka unless a source is given."""
+    s = settings
+    torch.set_num_threads(max(1, s.learner.torch_threads))
+    state_dir = Path(s.state.dir)
+    learning = s.learner  # the config section extends LearnerSettings: used as it is
+    device = resolve_device(s.learner.device)
+    process_mode = s.learner.mode == "process" and device.type == "cpu"
+    rewards = RewardTable()
+    # Loaded now so that a missing or unreadable key stops the start with a clear error.
+    signer = load_signer(s.publish.signing, s.publish.signing_key_file)
+    checkpoints = CheckpointStore(state_dir / "checkpoints", keep=s.checkpoint.keep)
+    checkpoint = checkpoints.load_latest()
+
+    lock = ProcessRunner.make_lock() if process_mode else None
+    replay = ReplayBuffer(s.replay.capacity, FEATURE_DIM, device, shared=process_mode, lock=lock)
+    learner = DQNLearner(learning, FEATURE_DIM, len(Action), clip=s.episodes.feature_clip)
+    # The metrics are made last (their collector reads every component); until then the components
+    # get callbacks that reach them when called, which happens only once the daemon runs.
+    pipeline = _pipeline(s, learning, rewards, replay, lambda r: metrics.episode_return.observe(r))
+    offsets: dict[int, int] = {}
+    if checkpoint is not None:
+        _restore(checkpoint, learner, pipeline, replay, offsets)
+    pipeline.policy.load_weights(learner.online.state_dict(), -1)
+    n = pipeline.normalizer
+    learner.set_normalization(n.mean, n.std, n.clip)
+    runner = _runner(s, learning, learner, replay, lock, process_mode)
+    runner.note_inserted(pipeline.counters.transitions)
+    runner.set_normalization(n.mean, n.std)
+
+    clients: KafkaClients | GivenClients
+    if source is not None:
+        clients = GivenClients(source, sink if sink is not None else MemorySink())
+    else:
+        clients = KafkaClients(kafka_options(s), offsets)
+    ingestor = Ingestor(
+        pipeline, clients, runner,
+        Backpressure(s.learner.updates_per_transition, s.learner.max_lag_ratio, s.replay.min_size),
+        replay.__len__, offsets=offsets, poll_timeout_ms=s.kafka.poll_timeout_ms,
+        broker_retry_max_seconds=s.lifecycle.broker_retry_max_seconds, topic=s.kafka.topic,
+        observe_batch_seconds=lambda t: metrics.ingest_batch_seconds.observe(t),
+    )
+    snapshots = SnapshotStore(state_dir / "snapshots", keep=s.publish.keep)
+    publisher = Publisher(
+        snapshots, SnapshotStore(state_dir / "rejected", keep=s.publish.keep), runner, ingestor,
+        _gate(s), learning, rewards, interval_seconds=s.publish.interval_seconds,
+        min_updates=s.publish.min_updates, device=str(device), signer=signer,
+        snapshot_topic=bool(s.kafka.snapshot_topic), base_url=lambda: base_url(s, server.http_port),
+        observe_seconds=lambda t: metrics.snapshot_export_seconds.observe(t),
+    )
+    checkpointer = Checkpointer(
+        checkpoints, ingestor, runner, replay, interval_seconds=s.checkpoint.interval_seconds,
+        include_replay=s.checkpoint.include_replay, history_dir=state_dir,
+        snapshot_version=lambda: publisher.state.version,
+        observe_seconds=lambda t: metrics.checkpoint_seconds.observe(t),
+    )
+    notifier = SystemdNotifier()
+    watchdog = Watchdog(runner, ingestor, notifier,
+                        progress_timeout_seconds=s.lifecycle.progress_timeout_seconds)
+    health = HealthView(ingestor, runner, replay, publisher, checkpointer, watchdog,
+                        batch_size=learning.batch_size, device=str(device),
+                        publish_interval_seconds=s.publish.interval_seconds)
+    metrics = DaemonMetrics(health.metrics)
+
+    async def on_revoked(partitions: set[int]) -> None:
+        dropped = await ingestor.drop_partitions(partitions)
+        log_event("partitions revoked", partitions=sorted(partitions), open_episodes_dropped=dropped)
+        await checkpointer.save(revoked=partitions)
+
+    if isinstance(clients, KafkaClients):
+        clients.on_revoked = on_revoked
+    app = build_app(snapshots_dir=snapshots.root, render_metrics=metrics.render, health=health.health,
+                    ready=health.ready, token=s.http.token.get_secret_value(),
+                    protect_metrics=s.http.protect_metrics)
+    # base_url (above) reads server.http_port once the server has bound its port.
+    server = Server(ingestor, checkpointer, publisher, watchdog, health, runner,
+                    HttpBinding(app, s.http.host, s.http.port), notifier,
+                    stop_timeout_seconds=s.lifecycle.stop_timeout_seconds)
+    return server
+
+
+def _gate(s: Settings) -> PublishGate | None:
+    p = s.publish
+    if not p.gate:
+        return None
+    return PublishGate(p.gate_min_episodes, p.gate_return_tolerance, p.gate_max_false_positive_rate,
+                       p.gate_max_missed_rate)
+
+
+def base_url(s: Settings, port: int | None) -> str:
+    return s.http.public_url or f"http://{s.http.host}:{port}"
+
+
+def _pipeline(
+    s: Settings, learning: LearnerSettings, rewards: RewardTable, replay: ReplayBuffer,
+    observe_return: Callable[[float], None],
+) -> IngestPipeline:
+    def push(batch: TransitionBatch) -> None:
+        replay.push(batch.states, batch.actions, batch.rewards, batch.next_states, batch.dones)
+        for r in batch.episode_returns:
+            observe_return(r)
+
+    tracker = EpisodeTracker(rewards, idle_timeout=s.episodes.idle_timeout_seconds,
+                             reward_clip=s.episodes.reward_clip,
+                             holdout_fraction=s.publish.gate_holdout_fraction if s.publish.gate else 0.0,
+                             holdout_keep=s.publish.gate_episodes)
+    limiter = None
+    if s.ingest.rate_limit_events_per_second > 0:
+        limiter = RateLimiter(s.ingest.rate_limit_events_per_second, s.ingest.rate_limit_burst)
+    policy = ActingPolicy(learning, FEATURE_DIM, len(Action), clip=s.episodes.feature_clip)
+    return IngestPipeline(
+        tracker, RunningNormalizer(FEATURE_DIM, clip=s.episodes.feature_clip), policy, push,
+        PipelineOptions(s.ingest.max_message_bytes, s.ingest.max_events_per_message,
+                        s.kafka.rate_limit_key, s.kafka.rate_limit_header),
+        limiter,
+    )
+
+
+def _restore(
+    checkpoint: LoadedCheckpoint, learner: DQNLearner, pipeline: IngestPipeline, replay: ReplayBuffer,
+    offsets: dict[int, int],
+) -> None:
+    state = checkpoint.state
+    learner.load_state_dict(state["learner"])
+    pipeline.load_state_dict(state["pipeline"], time.monotonic())
+    if "replay" in state:
+        replay.load_state_dict(state["replay"])
+    offsets.update({int(p): int(o) for p, o in state["offsets"].items()})
+    log_event("checkpoint restored", path=str(checkpoint.path), offsets=offsets,
+              events_consumed=pipeline.counters.events_consumed, updates=learner.counters.updates)
+
+
+def _runner(
+    s: Settings, learning: LearnerSettings, learner: DQNLearner, replay: ReplayBuffer, lock: object,
+    process_mode: bool,
+) -> LearnerRunner:
+    options = RunnerOptions(
+        FEATURE_DIM, len(Action), min_size=s.replay.min_size,
+        updates_per_transition=s.learner.updates_per_transition, torch_threads=s.learner.torch_threads,
+        feature_clip=s.episodes.feature_clip,
+    )
+    if process_mode:
+        return ProcessRunner(learning, learner.state_dict(), replay, lock, options,
+                             learner.online.state_dict(), learner.counters.updates)
+    return ThreadRunner(learner, replay, options)
+
+
+async def serve(settings: Settings) -> int:
+    """Build off the event loop, then run until stopped: what `streamdqn run` does."""
+    import asyncio
+
+    server = await asyncio.to_thread(build, settings)
+    return await server.serve()

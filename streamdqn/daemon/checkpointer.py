@@ -1,0 +1,96 @@
+"""The checkpoint component: capture state and offsets together, write them atomically, then commit.
+
+A checkpoint holds the Kafka offsets its state corresponds to, so after a crash the events since the
+last checkpoint are read again: nothing lost, nothing learned twice. Offsets are committed to the
+group only after the checkpoint that covers them is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from streamdqn.daemon.ingestor import Ingestor
+from streamdqn.history import HistoryPoint, append_history
+from streamdqn.learning.checkpoints import CheckpointStore
+from streamdqn.learning.replay.buffer import ReplayBuffer
+from streamdqn.learning.runners import LearnerRunner
+from streamdqn.logs import log_event
+
+
+class Checkpointer:
+    def __init__(
+        self,
+        store: CheckpointStore,
+        ingestor: Ingestor,
+        runner: LearnerRunner,
+        replay: ReplayBuffer,
+        *,
+        interval_seconds: float,
+        include_replay: bool,
+        history_dir: Path,
+        snapshot_version: Callable[[], int],
+        observe_seconds: Callable[[float], None] = lambda s: None,
+    ) -> None:
+        self.store = store
+        self.ingestor = ingestor
+        self.runner = runner
+        self.replay = replay
+        self.interval_seconds = interval_seconds
+        self.include_replay = include_replay
+        self.history_dir = history_dir
+        self.snapshot_version = snapshot_version
+        self.observe_seconds = observe_seconds
+        self.failures = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(self.interval_seconds)
+            await self.save()
+
+    async def save(self, *, final: bool = False, revoked: set[int] | None = None) -> bool:
+        """Capture state + offsets consistently (ingest paused), write off the loop, then commit."""
+        started = time.perf_counter()
+        try:
+            async with self.ingestor.lock:
+                if self.ingestor.resume_from_last_checkpoint:
+                    return False  # the state holds a batch whose offsets must not be saved as done
+                pipeline = self.ingestor.pipeline
+                state: dict[str, Any] = {
+                    "pipeline": pipeline.state_dict(),
+                    "offsets": {str(p): o for p, o in self.ingestor.offsets.items()},
+                    "learner": await asyncio.to_thread(self.runner.learner_state),
+                }
+                if self.include_replay:
+                    state["replay"] = await asyncio.to_thread(self.replay.state_dict)
+                offsets = dict(self.ingestor.offsets)
+                returns = pipeline.take_returns()
+            path = await asyncio.to_thread(self.store.save, state)
+        except Exception as exc:  # a failed write is counted and logged; the daemon goes on
+            self.failures += 1
+            log_event("checkpoint failed", error=repr(exc)[:500])
+            return False
+        seconds = time.perf_counter() - started
+        self.observe_seconds(seconds)
+        counters = state["pipeline"]["counters"]
+        self._append_history(counters["events_consumed"], state["learner"]["updates"], returns)
+        log_event("checkpoint written", path=str(path), seconds=round(seconds, 3), offsets=offsets,
+                  events_consumed=counters["events_consumed"], updates=state["learner"]["updates"],
+                  final=final)
+        if revoked is not None:
+            offsets = {p: offsets[p] for p in revoked if p in offsets}
+        await self.ingestor.commit(offsets)
+        return True
+
+    def _append_history(self, events: int, updates: int, returns: list[float]) -> None:
+        mean_return = sum(returns) / len(returns) if returns else math.nan
+        point = HistoryPoint(time.time(), events, updates, mean_return, self.runner.stats().loss,
+                             self.ingestor.pipeline.policy.epsilon, self.snapshot_version())
+        try:
+            append_history(self.history_dir, point)
+        except OSError as exc:
+            log_event("history append failed", error=repr(exc)[:300])

@@ -1,0 +1,78 @@
+"""The health view: what /metrics, /healthz and /readyz report, read from the components at request time."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from streamdqn import __version__
+from streamdqn.daemon.checkpointer import Checkpointer
+from streamdqn.daemon.ingestor import Ingestor
+from streamdqn.daemon.publisher import Publisher
+from streamdqn.daemon.watchdog import Watchdog
+from streamdqn.learning.replay.buffer import ReplayBuffer
+from streamdqn.learning.runners import LearnerRunner
+from streamdqn.serve.metrics import MetricsSnapshot
+
+
+class HealthView:
+    def __init__(
+        self,
+        ingestor: Ingestor,
+        runner: LearnerRunner,
+        replay: ReplayBuffer,
+        publisher: Publisher,
+        checkpointer: Checkpointer,
+        watchdog: Watchdog,
+        *,
+        batch_size: int,
+        device: str,
+        publish_interval_seconds: float,
+    ) -> None:
+        self.ingestor = ingestor
+        self.runner = runner
+        self.replay = replay
+        self.publisher = publisher
+        self.checkpointer = checkpointer
+        self.watchdog = watchdog
+        self.batch_size = batch_size
+        self.build = {"version": __version__, "torch": torch.__version__, "device": device}
+        self.publish_interval_seconds = publish_interval_seconds
+        self.started = time.time()
+
+    def metrics(self) -> MetricsSnapshot:
+        stats = self.runner.stats()
+        pipeline = self.ingestor.pipeline
+        c = pipeline.counters
+        published = self.publisher.state
+        return MetricsSnapshot(
+            events_consumed=c.events_consumed, rejected=dict(c.rejected), dead_lettered=c.dead_lettered,
+            transitions=c.transitions, episodes=c.episodes, replay_size=len(self.replay),
+            replay_capacity=self.replay.capacity, updates=stats.updates,
+            samples_per_insert=stats.updates * self.batch_size / max(1, c.transitions),
+            loss=stats.loss, td_error_abs=stats.td_error_abs, q_max_mean=stats.q_max_mean,
+            epsilon=pipeline.policy.epsilon, consumer_lag=self.ingestor.lag(),
+            snapshot_version=published.version, snapshot_published=published.published_at,
+            snapshot_rejected=published.rejected, snapshot_failures=published.failures,
+            checkpoint_failures=self.checkpointer.failures, event_loop_lag=self.watchdog.loop_lag,
+            broker_connected=self.watchdog.broker_connected,
+            partitions_assigned=self.ingestor.partitions_assigned(), build=self.build,
+        )
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "alive", "uptime_seconds": round(time.time() - self.started, 1)}
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        limit = 3 * self.publish_interval_seconds
+        now = time.time()
+        published = self.publisher.state.published_at
+        fresh = (now - published < limit) if published else (now - self.started < limit)
+        checks = {
+            "broker_connected": self.watchdog.broker_connected,
+            "partitions_assigned": self.ingestor.partitions_assigned() > 0,
+            "learner_running": self.runner.alive(),
+            "snapshot_fresh": fresh,
+        }
+        return all(checks.values()), checks
