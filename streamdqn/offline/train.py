@@ -9,21 +9,23 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from streamdqn.errors import ConfigError
 from streamdqn.history import HistoryPoint, append_history
 from streamdqn.learning.checkpoints import CheckpointStore
-from streamdqn.learning.learner import DQNLearner, LearnerSettings
+from streamdqn.learning.learner import DQNLearner
 from streamdqn.learning.replay.buffer import ReplayBuffer
+from streamdqn.learning.settings import LearnerSettings
 from streamdqn.offline.dataset import EpisodeData, split_episodes
 from streamdqn.offline.report import plot_report
+from streamdqn.progress import Progress
 from streamdqn.snapshots.export import Provenance, publish_snapshot
 from streamdqn.snapshots.store import Snapshot, SnapshotStore
 from streamdqn.stream.episodes import EpisodeTracker, TransitionBatch
@@ -55,40 +57,52 @@ class Agent:
                 "rewards": self.rewards.as_dict()}
 
 
-@dataclass(frozen=True)
-class OfflineOptions:
-    """Knobs of the offline loop that are not learner hyperparameters."""
+class OfflineOptions(BaseModel):
+    """Knobs of the offline training loop that are not learner hyperparameters."""
 
-    replay_capacity: int = 100_000
-    learning_starts: int = 64
-    updates_per_transition: float = 1.0
-    feature_clip: float = 10.0
-    reward_clip: float = 10.0
-    checkpoint_every: int = 50
-    log_every: int = 10
-    torch_threads: int = 1
-    # Tune the greedy policy's bias towards `ignore` on the training episodes at the end (as the
-    # logistic baseline tunes its threshold on its fit split).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
+
+    replay_capacity: Annotated[int, Field(ge=1)] = 100_000
+    """Replay buffer capacity, in rows."""
+    learning_starts: Annotated[int, Field(ge=1)] = 64
+    """Updates start once the buffer holds this many rows."""
+    updates_per_transition: Annotated[float, Field(ge=0)] = 1.0
+    """Replay ratio: updates per new row."""
+    feature_clip: Annotated[float, Field(gt=0)] = 10.0
+    """Normalized features are clipped to ±this."""
+    reward_clip: Annotated[float, Field(gt=0)] = 10.0
+    """Rewards given in events are clipped to ±this."""
+    checkpoint_every: Annotated[int, Field(ge=1)] = 50
+    """Write a checkpoint every this many episodes."""
+    log_every: Annotated[int, Field(ge=1)] = 10
+    """Report progress every this many episodes."""
+    torch_threads: Annotated[int, Field(ge=0)] = 1
+    """torch intra-op threads; 0 keeps torch's default."""
     calibrate_ignore_margin: bool = True
-    # Share of the file's episodes kept out of training for that calibration (0: calibrate in-sample).
-    calibration_fraction: float = 0.0
+    """At the end, tune the greedy policy's bias towards `ignore` on the training episodes (as the
+    logistic baseline tunes its threshold on its fit split)."""
+    calibration_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    """Share of the file's episodes kept out of training for that calibration (0: calibrate in-sample)."""
 
 
 def split_hyperparameters(hyperparameters: dict[str, Any]) -> tuple[LearnerSettings, OfflineOptions]:
-    """Route keyword hyperparameters to LearnerSettings or OfflineOptions; unknown names are errors."""
-    learner_keys = {f.name for f in fields(LearnerSettings)}
-    option_keys = {f.name for f in fields(OfflineOptions)}
+    """Route keyword hyperparameters to LearnerSettings or OfflineOptions; unknown or invalid ones are
+    ConfigErrors that name them."""
+    learner_keys = set(LearnerSettings.model_fields)
+    option_keys = set(OfflineOptions.model_fields)
     unknown = set(hyperparameters) - learner_keys - option_keys
     if unknown:
         known = ", ".join(sorted(learner_keys | option_keys))
         raise ConfigError(f"unknown hyperparameter(s) {', '.join(sorted(unknown))}; known: {known}")
-    learner_kw = {k: v for k, v in hyperparameters.items() if k in learner_keys}
-    if "hidden" in learner_kw:
-        learner_kw["hidden"] = tuple(learner_kw["hidden"])
-    return (
-        LearnerSettings(**learner_kw),
-        OfflineOptions(**{k: v for k, v in hyperparameters.items() if k in option_keys}),
-    )
+    try:
+        return (
+            LearnerSettings(**{k: v for k, v in hyperparameters.items() if k in learner_keys}),
+            OfflineOptions(**{k: v for k, v in hyperparameters.items() if k in option_keys}),
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
+                             for e in exc.errors(include_url=False))
+        raise ConfigError(f"invalid hyperparameter(s): {problems}") from None
 
 
 def load_episodes(telemetry_file: Path | None, seed: int) -> tuple[list[EpisodeData], int]:
@@ -159,8 +173,9 @@ def train(
     episode_losses: list[float] = []
     events_seen = 0
     update_budget = 0.0
-    bar = tqdm(range(num_episodes), desc="training", unit="ep", disable=not progress)
-    for i in bar:
+    bar = Progress(num_episodes, "training", unit="ep", enabled=progress)
+    for i in range(num_episodes):
+        bar.update()
         if i and i % len(episodes) == 0:
             order = rng.permutation(len(episodes))
         episode = episodes[order[i % len(episodes)]]
@@ -192,8 +207,7 @@ def train(
                 f"avg loss {np.mean(recent_loss) if recent_loss else float('nan'):.4f}  "
                 f"epsilon {learner.epsilon:.3f}  buffer {len(buffer)}"
             )
-            if progress:
-                bar.write(line)
+            bar.write(line)
             if state_dir:
                 append_history(Path(state_dir), HistoryPoint(
                     time.time(), events_seen, learner.counters.updates,
@@ -204,9 +218,9 @@ def train(
 
     if options.calibrate_ignore_margin:
         margin, mean_return = calibrate_ignore_margin(agent, calibration)
-        if progress:
-            bar.write(f"ignore margin {margin:.3f}: mean return on {len(calibration)} calibration episodes "
-                      f"{mean_return:+.3f}")
+        bar.write(f"ignore margin {margin:.3f}: mean return on {len(calibration)} calibration episodes "
+                  f"{mean_return:+.3f}")
+    bar.close()
     if checkpoints:
         checkpoints.save({**agent.state_dict(), "episode": num_episodes, "events_seen": events_seen})
     if state_dir:

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from streamdqn import cli
 from streamdqn.errors import ConfigError, SnapshotError
-from streamdqn.learning.learner import DQNLearner, LearnerSettings
+from streamdqn.learning.learner import DQNLearner
+from streamdqn.learning.settings import LearnerSettings
 from streamdqn.offline.baselines import (
     CLASS_NAMES,
     always_ignore,
@@ -26,6 +28,7 @@ from streamdqn.offline.dataset import EpisodeData, split_episodes
 from streamdqn.offline.evaluate import (
     POLICY_NAMES,
     Decision,
+    EvaluationReport,
     evaluate,
     evaluate_policy,
     format_report,
@@ -162,7 +165,7 @@ def test_return_of_one_episode_matches_hand_computed(
     episodes = _episodes(_records(7, len(actions), **truth))  # type: ignore[arg-type]
     metrics, decisions = evaluate_policy(_fixed([actions]), episodes, TABLE)
     assert metrics.mean_return == pytest.approx(expected, abs=1e-9)
-    assert decisions == [Decision("sb-7", "7", action, step)]
+    assert decisions == [Decision("sb-7", 7, action, step)]
 
 
 def test_returns_of_a_batch_are_per_episode() -> None:
@@ -350,11 +353,12 @@ def test_onnx_policy_refuses_a_file_that_is_not_a_model(tmp_path: Path) -> None:
 
 
 def test_decisions_file_round_trip(tmp_path: Path) -> None:
-    decisions = [Decision("sb-1", "7", "quarantine", 3), Decision("sb-2", "8", "ignore", None)]
+    decisions = [Decision("sb-1", "7", "quarantine", 3), Decision("sb-2", 8, "ignore", None, True)]
     path = tmp_path / "out" / "decisions.jsonl"
     write_decisions(path, decisions)
     lines = path.read_text().splitlines()
-    assert json.loads(lines[1]) == {"sandbox_id": "sb-2", "episode_id": "8", "action": "ignore", "step": None}
+    assert json.loads(lines[1]) == {"sandbox_id": "sb-2", "episode_id": 8, "action": "ignore", "step": None,
+                                    "fit_baseline": True}
     assert read_decisions(path) == decisions
     assert [p.name for p in path.parent.iterdir()] == ["decisions.jsonl"]  # no temp file left
 
@@ -382,7 +386,9 @@ def test_evaluate_is_deterministic_and_complete(
     assert tuple(report["metrics"]) == POLICY_NAMES
     assert report["rejects"] == 1 and report["episodes"] == 40 and report["snapshot_version"] == 2
     assert report["fit_episodes"] == 12 and report["evaluation_episodes"] == 28
-    assert len(first.decisions) == 28
+    # One decision for every episode of the file, in file order, ids exactly as they came in.
+    assert len(first.decisions) == 40 and sum(d.fit_baseline for d in first.decisions) == 12
+    assert [(d.sandbox_id, d.episode_id) for d in first.decisions] == _episode_ids_in(events_file)
     m = first.metrics
     assert all(m["oracle"].mean_return >= x.mean_return for x in m.values())
     assert m["always_ignore"].detection_rate == 0.0
@@ -396,7 +402,32 @@ def test_evaluate_is_deterministic_and_complete(
     assert all(name in text for name in POLICY_NAMES) and "gap closed" in text
 
     other_split = evaluate(root, events_file, seed=4)
-    assert {d.episode_id for d in other_split.decisions} != {d.episode_id for d in first.decisions}
+
+    def fitted(report: EvaluationReport) -> set[object]:
+        return {d.episode_id for d in report.decisions if d.fit_baseline}
+
+    assert fitted(other_split) != fitted(first)
+
+
+def _episode_ids_in(path: Path) -> list[tuple[str, object]]:
+    """(sandbox_id, episode_id) of each valid episode of a JSON Lines file, in order of first event."""
+    seen: dict[tuple[str, object], None] = {}
+    for line in path.read_text().splitlines():
+        event = json.loads(line)
+        if isinstance(event.get("step"), int):
+            seen.setdefault((event["sandbox_id"], event["episode_id"]), None)
+    return list(seen)
+
+
+def test_cli_decisions_out_joins_back_to_the_telemetry_file(
+    events_file: Path, snapshots: tuple[Path, DQNLearner], tmp_path: Path
+) -> None:
+    out = tmp_path / "decisions.jsonl"
+    assert cli.main(["evaluate", "--snapshot", str(snapshots[0]), "--events", str(events_file),
+                     "--decisions-out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["sandbox_id"], r["episode_id"]) for r in rows] == _episode_ids_in(events_file)
+    assert all(isinstance(r["episode_id"], int) for r in rows)  # as the simulator wrote them
 
 
 def test_evaluate_refuses_a_bad_fit_fraction(events_file: Path, snapshots: tuple[Path, DQNLearner]) -> None:
