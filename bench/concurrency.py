@@ -32,9 +32,10 @@ import torch
 from _common import Target, emit, header, random_transitions, ratio, report_targets, table
 from _workload import BATCH_RECORDS, N_ACTIONS, Ingest, build_records
 
-from streamdqn.learning.learner import DQNLearner, LearnerSettings
+from streamdqn.learning.learner import DQNLearner
 from streamdqn.learning.replay.buffer import ReplayBuffer
 from streamdqn.learning.runners import LearnerRunner, ProcessRunner, RunnerOptions, ThreadRunner
+from streamdqn.learning.settings import LearnerSettings
 from streamdqn.stream.features import FEATURE_DIM
 from streamdqn.stream.sources import Record
 

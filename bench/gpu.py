@@ -26,14 +26,14 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import torch
 from _common import emit, header, random_transitions, ratio, table
 
-from streamdqn.learning.learner import DQNLearner, LearnerSettings, td_loss
+from streamdqn.learning.learner import DQNLearner, td_loss
 from streamdqn.learning.replay.buffer import ReplayBuffer, ReplaySamples
+from streamdqn.learning.settings import LearnerSettings
 from streamdqn.stream.features import FEATURE_DIM
 from streamdqn.stream.wire import Action
 
@@ -98,7 +98,7 @@ def bench_updates(
             "eager-async": rate(lambda: step_async(buffer.sample(batch)), seconds, device),  # noqa: B023
         }
         if graphs:
-            graphed = DQNLearner(replace(settings, cuda_graph=True), FEATURE_DIM, N_ACTIONS)
+            graphed = DQNLearner(settings.model_copy(update={"cuda_graph": True}), FEATURE_DIM, N_ACTIONS)
             fixed = buffer.sample(batch)
             # rate() warms up with ten calls: the learner captures its graph on the fourth.
             r["graphed"] = rate(lambda: graphed.update(buffer.sample(batch)), seconds, device)  # noqa: B023

@@ -43,8 +43,9 @@ from _common import (
 )
 from torch import nn
 
-from streamdqn.learning.learner import DQNLearner, LearnerSettings, td_loss
+from streamdqn.learning.learner import DQNLearner, td_loss
 from streamdqn.learning.replay.buffer import ReplayBuffer
+from streamdqn.learning.settings import LearnerSettings
 from streamdqn.stream.features import FEATURE_DIM
 from streamdqn.stream.wire import Action
 

@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from streamdqn.errors import ConfigError
+from streamdqn.learning.settings import LearnerSettings
 
 Positive = Annotated[float, Field(gt=0)]
 
@@ -106,28 +107,9 @@ class LifecycleSettings(Section):
     broker_retry_max_seconds: Positive = 30.0
 
 
-class LearnerConfig(Section):
-    hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [256, 256])
-    lr: Positive = 1e-4
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    """Decoupled weight decay (AdamW) when > 0; plain Adam at 0."""
-    gamma: Annotated[float, Field(ge=0, le=1)] = 0.99
-    batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
-    target_update_interval: Annotated[int, Field(ge=1)] = 1000
-    tau: Annotated[float, Field(ge=0, le=1)] = 0.0
-    grad_clip: Positive = 10.0
-    double_dqn: bool = True
-    epsilon_start: Annotated[float, Field(ge=0, le=1)] = 1.0
-    epsilon_end: Annotated[float, Field(ge=0, le=1)] = 0.1
-    epsilon_decay_steps: Annotated[int, Field(ge=0)] = 20_000
-    explore_ignore_probability: Annotated[float, Field(ge=0, le=1)] | None = 1.0
-    """Chance that an exploratory action is `ignore` (null: uniform over the five actions). Responses
-    are learned from counterfactual transitions at every visited step, so exploring by watching
-    longer covers more states than exploring by responding."""
-    device: str = "auto"
-    """auto (CUDA when present), cpu, cuda or cuda:N."""
-    cuda_graph: bool = True
-    """On CUDA, replay each update from a captured CUDA graph (the same update, launched as one graph)."""
+class LearnerConfig(LearnerSettings):
+    """The learner's hyperparameters (streamdqn.learning.settings) and where and how fast it runs."""
+
     mode: Literal["thread", "process"] = "process"
     """Where updates run: a thread shares the GIL with ingest; a process does not (see the README)."""
     updates_per_transition: Annotated[float, Field(ge=0)] = 0.25
@@ -136,7 +118,6 @@ class LearnerConfig(Section):
     """Pause ingest when transitions outrun the ratio by this factor (backpressure)."""
     torch_threads: Annotated[int, Field(ge=0)] = 1
     """torch intra-op threads for the learner; 0 keeps torch's default. One is fastest on 2 cores."""
-    seed: int | None = None
 
 
 class ReplaySettings(Section):

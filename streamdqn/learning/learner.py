@@ -7,7 +7,7 @@ lets it run as a thread or in its own process over shared-memory replay (see str
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -17,36 +17,7 @@ import torch.nn.functional as F
 from streamdqn.learning.graphs import GraphedStep
 from streamdqn.learning.model import QNetwork
 from streamdqn.learning.replay.buffer import ReplaySamples
-
-
-@dataclass(frozen=True)
-class LearnerSettings:
-    """Hyperparameters of the DQN learner (the original pipeline's defaults)."""
-
-    hidden: tuple[int, ...] = (256, 256)
-    lr: float = 1e-4
-    weight_decay: float = 0.0  # decoupled (AdamW) when > 0: the response heads overfit small data
-    gamma: float = 0.99
-    batch_size: int = 64
-    target_update_interval: int = 1000  # hard copy every N updates; ignored when tau > 0
-    tau: float = 0.0  # Polyak averaging factor per update; 0 means hard copies
-    grad_clip: float = 10.0
-    double_dqn: bool = True
-    epsilon_start: float = 1.0
-    epsilon_end: float = 0.1
-    epsilon_decay_steps: int = 10_000
-    # Probability that an exploratory action is `ignore` (None: uniform over all actions). Any response
-    # ends an episode, so uniform exploration rarely sees late steps, while counterfactual transitions
-    # already teach every response's reward at each visited step: exploring by watching covers more.
-    explore_ignore_probability: float | None = 1.0
-    device: str = "auto"
-    cuda_graph: bool = True  # on CUDA, replay each update from a captured CUDA graph (learning.graphs)
-    seed: int | None = None
-
-    def as_dict(self) -> dict[str, object]:
-        d = asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
+from streamdqn.learning.settings import LearnerSettings
 
 
 class UpdateStats(NamedTuple):

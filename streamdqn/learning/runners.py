@@ -22,8 +22,9 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from streamdqn.learning.learner import DQNLearner, LearnerSettings
+from streamdqn.learning.learner import DQNLearner
 from streamdqn.learning.replay.buffer import ReplayBuffer
+from streamdqn.learning.settings import LearnerSettings
 
 log = logging.getLogger(__name__)
 

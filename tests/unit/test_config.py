@@ -27,7 +27,7 @@ def toml(tmp_path: Path, text: str) -> Path:
 def test_defaults_without_a_file() -> None:
     settings = load_settings()
     assert settings.model_dump() == Settings().model_dump()
-    assert settings.learner.hidden == [256, 256] and settings.kafka.topic == "sandbox-telemetry"
+    assert settings.learner.hidden == (256, 256) and settings.kafka.topic == "sandbox-telemetry"
 
 
 def test_toml_sets_nested_values(tmp_path: Path) -> None:
@@ -35,7 +35,7 @@ def test_toml_sets_nested_values(tmp_path: Path) -> None:
         tmp_path, '[learner]\nlr = 0.5\nhidden = [32, 16]\n\n[kafka]\ntopic = "t1"\n\n[log]\njson = true\n'
     )
     settings = load_settings(path)
-    assert settings.learner.lr == 0.5 and settings.learner.hidden == [32, 16]
+    assert settings.learner.lr == 0.5 and settings.learner.hidden == (32, 16)
     assert settings.kafka.topic == "t1" and settings.log.json_format is True
     assert settings.learner.gamma == 0.99  # untouched keys keep their defaults
 
@@ -51,7 +51,7 @@ def test_environment_overrides_the_file_with_double_underscore_nesting(
     monkeypatch.setenv("STREAMDQN_TANSU", "/opt/tansu")  # another component's variable: not a setting
     settings = load_settings(path)
     assert settings.learner.lr == 0.25 and settings.kafka.topic == "from-env"
-    assert settings.learner.hidden == [8, 8] and settings.learner.double_dqn is False
+    assert settings.learner.hidden == (8, 8) and settings.learner.double_dqn is False
     assert settings.learner.batch_size == 32  # from the file
     assert load_settings(path, learner={"lr": 0.125}).learner.lr == 0.125  # explicit overrides win
 

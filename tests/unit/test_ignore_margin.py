@@ -8,7 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from streamdqn.learning.learner import DQNLearner, LearnerSettings
+from streamdqn.learning.learner import DQNLearner
+from streamdqn.learning.settings import LearnerSettings
 from streamdqn.offline.dataset import split_episodes
 from streamdqn.offline.simulator import simulate, write_events
 from streamdqn.offline.train import Agent, calibrate_ignore_margin

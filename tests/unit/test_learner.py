@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from streamdqn.learning.learner import (
-    ActingPolicy,
-    DQNLearner,
-    LearnerSettings,
-    epsilon_at,
-    resolve_device,
-    td_loss,
-)
+from streamdqn.learning.learner import ActingPolicy, DQNLearner, epsilon_at, resolve_device, td_loss
 from streamdqn.learning.model import QNetwork
 from streamdqn.learning.replay.buffer import ReplayBuffer, ReplaySamples
+from streamdqn.learning.settings import LearnerSettings
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -197,11 +190,11 @@ def test_exploration_follows_epsilon() -> None:
     counts = np.bincount(random_only.act(states), minlength=5)
     assert counts.min() > 300  # uniform over the five actions
     assert random_only.act(np.zeros((0, 2), np.float32)).shape == (0,)
-    mostly_ignore = DQNLearner(replace(uniform, explore_ignore_probability=0.8), 2, 5)
+    mostly_ignore = DQNLearner(uniform.model_copy(update={"explore_ignore_probability": 0.8}), 2, 5)
     counts = np.bincount(mostly_ignore.act(states), minlength=5)
     assert 1500 < counts[0] < 1700 and counts[1:].min() > 60  # 80 % ignore, the rest uniform over responses
     default = LearnerSettings().explore_ignore_probability
-    watching = DQNLearner(replace(uniform, explore_ignore_probability=default), 2, 5)
+    watching = DQNLearner(uniform.model_copy(update={"explore_ignore_probability": default}), 2, 5)
     assert (watching.act(states) == 0).all()  # the default explores by watching longer
 
 
@@ -278,7 +271,8 @@ def assert_same_learner(a: DQNLearner, b: DQNLearner, atol: float = 0.0, rtol: f
 
 def test_cuda_graph_setting_changes_nothing_on_the_cpu() -> None:
     settings = LearnerSettings(hidden=(8,), lr=1e-2, target_update_interval=4, device="cpu", seed=5)
-    graphed, eager = DQNLearner(settings, 2, 2), DQNLearner(replace(settings, cuda_graph=False), 2, 2)
+    graphed = DQNLearner(settings, 2, 2)
+    eager = DQNLearner(settings.model_copy(update={"cuda_graph": False}), 2, 2)
     assert graphed.graphed_step is None and eager.graphed_step is None
     buffer = ReplayBuffer(64, 2, "cpu", seed=5)
     two_state_mdp(buffer)
@@ -325,7 +319,8 @@ def test_the_cuda_graph_update_matches_the_eager_one(tau: float, weight_decay: f
         hidden=(32, 32), lr=1e-2, tau=tau, weight_decay=weight_decay, target_update_interval=7,
         device="cuda", seed=7,
     )
-    graphed, eager = DQNLearner(settings, 2, 2), DQNLearner(replace(settings, cuda_graph=False), 2, 2)
+    graphed = DQNLearner(settings, 2, 2)
+    eager = DQNLearner(settings.model_copy(update={"cuda_graph": False}), 2, 2)
     assert graphed.graphed_step is not None and eager.graphed_step is None
     # Two batch sizes, and back: each gets its own graph, and all of them step the same optimizer state.
     first = cuda_samples(7, [16] * 15 + [32] * 10 + [16] * 5)
@@ -335,7 +330,8 @@ def test_the_cuda_graph_update_matches_the_eager_one(tau: float, weight_decay: f
     assert_same_learner(graphed, eager, atol=1e-6, rtol=1e-5)
 
     # Checkpoints either way round: the graphed learner restored from an eager one captures anew.
-    from_eager, from_graphed = DQNLearner(settings, 2, 2), DQNLearner(replace(settings, seed=99), 2, 2)
+    from_eager = DQNLearner(settings, 2, 2)
+    from_graphed = DQNLearner(settings.model_copy(update={"seed": 99}), 2, 2)
     from_eager.load_state_dict(round_trip(eager.state_dict()))
     from_graphed.load_state_dict(round_trip(graphed.state_dict()))
     graphed.load_state_dict(round_trip(graphed.state_dict()))  # reloading must re-capture, not go stale
@@ -359,7 +355,8 @@ def test_a_failed_capture_falls_back_to_eager_updates(
 
     monkeypatch.setattr(torch.cuda, "graph", no_capture)
     settings = LearnerSettings(hidden=(16,), lr=1e-2, target_update_interval=5, device="cuda", seed=8)
-    graphed, eager = DQNLearner(settings, 2, 2), DQNLearner(replace(settings, cuda_graph=False), 2, 2)
+    graphed = DQNLearner(settings, 2, 2)
+    eager = DQNLearner(settings.model_copy(update={"cuda_graph": False}), 2, 2)
     with caplog.at_level("WARNING", logger="streamdqn.learning.graphs"):
         for batch in cuda_samples(9, [16] * 12 + [32] * 3):
             np.testing.assert_allclose(graphed.update(batch), eager.update(batch), rtol=1e-5, atol=1e-6)

@@ -12,7 +12,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamdqn.learning.learner import ActingPolicy, LearnerSettings
+from streamdqn.learning.learner import ActingPolicy
+from streamdqn.learning.settings import LearnerSettings
 from streamdqn.stream.episodes import EpisodeTracker, TransitionBatch
 from streamdqn.stream.features import FEATURE_DIM, RunningNormalizer
 from streamdqn.stream.pipeline import REASON_RATE_LIMITED, IngestPipeline, PipelineOptions, RateLimiter

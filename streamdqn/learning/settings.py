@@ -1,0 +1,59 @@
+"""The learner's hyperparameters: one definition, used by the learner directly, extended by the daemon's
+`[learner]` config section, and turned into `streamdqn train`'s options (names, defaults and help).
+
+Each field's docstring is its help text.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Positive = Annotated[float, Field(gt=0)]
+
+
+class LearnerSettings(BaseModel):
+    """Hyperparameters of the DQN learner."""
+
+    # No inf or nan: TOML can spell both, and `lr = inf` would only surface as NaN weights.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
+
+    hidden: tuple[Annotated[int, Field(ge=1, le=65536)], ...] = (256, 256)
+    """Hidden layer sizes of the Q-network's MLP."""
+    lr: Positive = 1e-4
+    """Adam learning rate."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """Decoupled weight decay (AdamW) when > 0; plain Adam at 0."""
+    gamma: Annotated[float, Field(ge=0, le=1)] = 0.99
+    """Discount factor of the value of waiting."""
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
+    """Replay rows per update."""
+    target_update_interval: Annotated[int, Field(ge=1)] = 1000
+    """Copy the online network to the target network every this many updates (when tau is 0)."""
+    tau: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Polyak averaging factor per update for the target network; 0 means hard copies."""
+    grad_clip: Positive = 10.0
+    """Clip the gradient's global norm to this."""
+    double_dqn: bool = True
+    """Double-DQN targets: the online network picks the next action, the target network values it."""
+    epsilon_start: Annotated[float, Field(ge=0, le=1)] = 1.0
+    """Exploration rate of the behaviour policy at the start."""
+    epsilon_end: Annotated[float, Field(ge=0, le=1)] = 0.1
+    """Exploration rate after epsilon_decay_steps acting steps."""
+    epsilon_decay_steps: Annotated[int, Field(ge=0)] = 10_000
+    """Acting steps over which epsilon decays linearly."""
+    explore_ignore_probability: Annotated[float, Field(ge=0, le=1)] | None = 1.0
+    """Chance that an exploratory action is `ignore` (null: uniform over the five actions). Responses
+    are learned from counterfactual transitions at every visited step, so exploring by watching
+    longer covers more states than exploring by responding."""
+    device: str = "auto"
+    """auto (CUDA when present), cpu, cuda or cuda:N."""
+    cuda_graph: bool = True
+    """On CUDA, replay each update from a captured CUDA graph (the same update, launched as one graph)."""
+    seed: int | None = None
+    """Seed of the network's initial weights and of exploration; none: random."""
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = self.model_dump(mode="json")
+        return d
