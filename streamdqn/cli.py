@@ -1,4 +1,10 @@
-"""The `streamdqn` command: argument parsing only; each subcommand calls one function elsewhere."""
+"""streamdqn learns, from the telemetry that malware sandboxes stream to Kafka, when to ignore, contain,
+terminate, quarantine or review a running sample, and serves the policy as versioned ONNX snapshots
+that the sandboxes pull over HTTP.
+
+examples:
+  streamdqn demo --duration 60                     # broker + simulated sandboxes + the daemon, in one go
+  streamdqn run --config /etc/streamdqn/streamdqn.toml"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from pydantic.fields import FieldInfo
 
 from streamdqn.errors import StreamDQNError
 
@@ -28,17 +36,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from streamdqn.offline.train import train
 
-    hyper: dict[str, object] = {
-        "hidden": tuple(args.hidden),
-        "lr": args.lr,
-        "gamma": args.gamma,
-        "batch_size": args.batch_size,
-        "epsilon_start": args.epsilon_start,
-        "epsilon_end": args.epsilon_end,
-        "epsilon_decay_steps": args.epsilon_decay_steps,
-        "target_update_interval": args.target_update_interval,
-        "device": args.device,
-    }
+    hyper = {name: getattr(args, name) for name in _TRAIN_OPTIONS if hasattr(args, name)}
     _, returns, _ = train(args.events, args.episodes, state_dir=args.state_dir, seed=args.seed,
                           progress=not args.quiet, **hyper)
     last = returns[-min(100, len(returns)):]
@@ -101,8 +99,30 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    import torch
+
+    from streamdqn import __version__
+
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    return f"streamdqn {__version__} (torch {torch.__version__}, device {device})"
+
+
+class _VersionAction(argparse.Action):
+    """--version, computed only when asked for (it imports torch)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version, torch's and the device")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(_version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamdqn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="streamdqn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("simulate", help="write simulated sandbox telemetry to a file")
@@ -115,21 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sandboxes", type=int, default=8)
     p.set_defaults(func=_simulate)
 
-    p = sub.add_parser("train", help="train offline from a telemetry file (simulated data when none given)")
+    p = sub.add_parser("train", help="train offline from a telemetry file (simulated data when none given)",
+                       description="Train offline from a telemetry file and publish the final snapshot. "
+                       "Learner and loop options default to the values below; the daemon's [learner] "
+                       "section has the same names.")
     p.add_argument("--events", type=Path, help="telemetry file: JSON array or JSON Lines")
     p.add_argument("--episodes", type=int, default=500, help="training episodes (default 500)")
     p.add_argument("--state-dir", type=Path, default=Path("state"), help="checkpoints and snapshots go here")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hidden", type=int, nargs="+", default=[256, 256], help="hidden layer sizes")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--gamma", type=float, default=0.99)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--epsilon-start", type=float, default=1.0)
-    p.add_argument("--epsilon-end", type=float, default=0.1)
-    p.add_argument("--epsilon-decay-steps", type=int, default=10_000)
-    p.add_argument("--target-update-interval", type=int, default=1000)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the episode order, initial weights and exploration (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_model_options(p.add_argument_group("learner"), _learner_fields())
+    _add_model_options(p.add_argument_group("training loop"), _offline_fields())
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="replay episodes through a snapshot (onnxruntime) against baselines")
@@ -170,6 +187,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("report.png"))
     p.set_defaults(func=_report)
     return parser
+
+
+_TRAIN_OPTIONS: set[str] = set()
+
+
+def _learner_fields() -> dict[str, FieldInfo]:
+    from streamdqn.learning.settings import LearnerSettings
+
+    # The seed is the command's own --seed (it also orders the episodes).
+    return {k: v for k, v in LearnerSettings.model_fields.items() if k != "seed"}
+
+
+def _offline_fields() -> dict[str, FieldInfo]:
+    from streamdqn.offline.train import OfflineOptions
+
+    return dict(OfflineOptions.model_fields)
+
+
+def _add_model_options(group: argparse._ArgumentGroup, fields: dict[str, FieldInfo]) -> None:
+    """One --option per settings field, its help the field's docstring and its default the field's.
+
+    Values are parsed by the settings model itself (the same validation as the config file); an option
+    not given is not passed, so the model's default applies.
+    """
+    for name, info in fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = info.default
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{info.description or ''} (default: {shown})".strip()
+        kwargs: dict[str, object] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, tuple):
+            kwargs.update(nargs="+", type=int, metavar="N")
+        elif default is None or info.annotation not in (int, float, str):
+            kwargs.update(type=_optional_number, metavar="VALUE")
+        else:
+            kwargs["type"] = info.annotation
+        group.add_argument(flag, **kwargs)  # type: ignore[arg-type]
+        _TRAIN_OPTIONS.add(name)
+
+
+def _optional_number(text: str) -> float | None:
+    """A number, or `none` for a setting that can be unset."""
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

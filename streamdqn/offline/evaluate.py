@@ -41,20 +41,30 @@ SNAPSHOT_POLICY = "streamdqn"
 
 @dataclass(frozen=True)
 class Decision:
-    """A policy's verdict on one episode: its first response and the telemetry step it came at."""
+    """A policy's verdict on one episode: its first response and the telemetry step it came at.
+
+    `sandbox_id` and `episode_id` are exactly as the events carried them (an integer id stays an
+    integer), so a decisions file joins back to its telemetry file.
+    """
 
     sandbox_id: str
-    episode_id: str
+    episode_id: int | str
     action: str  # an ACTION_NAMES entry; "ignore" when the policy never responded
     step: int | None  # the event's `step` field at the response; None when it never responded
+    fit_baseline: bool = False  # the episode fitted the logistic baseline and is not in the metrics
 
 
-def decisions_of(outcomes: Outcomes, episodes: Sequence[EpisodeData]) -> list[Decision]:
+def decisions_of(
+    outcomes: Outcomes, episodes: Sequence[EpisodeData], fit: Sequence[bool] | None = None
+) -> list[Decision]:
     """One Decision per episode, in episode order."""
     out = []
-    for episode, first, action in zip(episodes, outcomes.first_response, outcomes.action, strict=True):
+    marks = fit if fit is not None else [False] * len(episodes)
+    for episode, first, action, mark in zip(episodes, outcomes.first_response, outcomes.action, marks,
+                                            strict=True):
         step = episode.events[first].step if first >= 0 else None
-        out.append(Decision(episode.sandbox_id, episode.episode_id, ACTION_NAMES[action], step))
+        out.append(Decision(episode.sandbox_id, episode.events[0].episode_id, ACTION_NAMES[action], step,
+                            mark))
     return out
 
 
@@ -74,7 +84,8 @@ def _evaluate_batch(
 
 
 def write_decisions(path: Path, decisions: Sequence[Decision]) -> None:
-    """Write one JSON line per episode: {"sandbox_id", "episode_id", "action", "step"}, atomically."""
+    """One JSON line per episode: {"sandbox_id", "episode_id", "action", "step", "fit_baseline"},
+    written atomically."""
     lines = (json.dumps(asdict(d), separators=(",", ":")) + "\n" for d in decisions)
     atomic_write_bytes(Path(path), "".join(lines).encode())
 
@@ -158,7 +169,7 @@ class EvaluationReport:
     metrics: dict[str, Metrics]  # by policy name, in POLICY_NAMES order
     best_baseline: str  # the non-oracle baseline with the highest mean return
     gap_closed: float | None  # (snapshot - best) / (oracle - best baseline); None if no gap
-    decisions: list[Decision] = field(repr=False)  # the snapshot's, one per evaluation episode
+    decisions: list[Decision] = field(repr=False)  # the snapshot's, one per episode of the file
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready; the decisions are left out (see `write_decisions`)."""
@@ -209,12 +220,12 @@ def evaluate(
         ORACLE: oracle_policy(held_out, table),
     }
     batch = EpisodeBatch.of(held_out)
-    metrics: dict[str, Metrics] = {}
-    decisions: list[Decision] = []
-    for name, decide in policies.items():
-        metrics[name], policy_decisions = _evaluate_batch(decide, batch, held_out, table)
-        if name == SNAPSHOT_POLICY:
-            decisions = policy_decisions
+    metrics = {name: _evaluate_batch(decide, batch, held_out, table)[0] for name, decide in policies.items()}
+    # The snapshot's decision on every episode of the file, in file order; the fit ones are marked.
+    fitted = {id(e) for e in fit}
+    everything = EpisodeBatch.of(episodes)
+    outcomes = replay(streamdqn_policy(everything.features), everything, table)
+    decisions = decisions_of(outcomes, episodes, [id(e) in fitted for e in episodes])
     best, gap = gap_closed(metrics)
     return EvaluationReport(
         snapshot=str(model),
