@@ -119,6 +119,18 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+def _import(args: argparse.Namespace) -> int:
+    from streamdqn.offline.importer import import_files
+
+    summary = import_files(args.source, args.inputs, args.out, verdicts_out=args.verdicts_out,
+                           labels=args.labels, calls_per_step=args.calls_per_step,
+                           step_seconds=args.step_seconds, sandboxes=args.sandboxes)
+    for warning in summary.warnings():
+        print(f"streamdqn import: {warning}", file=sys.stderr)
+    print(summary.line())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamdqn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,6 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--malicious-fraction", type=float, default=0.5)
     p.add_argument("--sandboxes", type=int, default=8)
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("import", help="turn real API-call traces (MalBehavD-V1 CSV, CAPE/Cuckoo reports) "
+                                      "into telemetry; the mapping is in streamdqn/offline/importer.py")
+    p.add_argument("source", choices=["malbehavd", "cape"],
+                   help="malbehavd: the MalBehavD-V1 CSV; cape: CAPE or Cuckoo 2 report.json files")
+    p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
+                   help="input files (cape: also directories, every *.json under them)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="telemetry file (.jsonl: JSON Lines, .json: JSON array)")
+    p.add_argument("--verdicts-out", type=Path, metavar="FILE",
+                   help="write labels to this JSON Lines file and leave them out of the telemetry")
+    p.add_argument("--labels", type=Path, metavar="FILE",
+                   help="cape: CSV sha256,is_malicious[,severity]; without it, reports are unlabelled")
+    cut = p.add_mutually_exclusive_group()
+    cut.add_argument("--calls-per-step", type=int, metavar="N",
+                     help="calls per step (default: malbehavd 5 API names, cape 100 call records)")
+    cut.add_argument("--step-seconds", type=float, metavar="S",
+                     help="cape: cut steps by time windows of S seconds instead")
+    p.add_argument("--sandboxes", type=int, default=8, metavar="N",
+                   help="sandbox ids to spread episodes over (default 8)")
+    p.set_defaults(func=_import)
 
     p = sub.add_parser("train", help="train offline from a telemetry file (simulated data when none given)",
                        description="Train offline from a telemetry file and publish the final snapshot. "
