@@ -1,0 +1,119 @@
+"""Replay rows: one row per visited step, with the target of every action in it.
+
+A row holds the raw state of a step, a reward for each of the five actions with a mask of which of
+them are known, and what the value of `ignore` bootstraps from:
+
+    states[30], rewards[5], known[5]      responses (contain, terminate, quarantine, review) end the
+                                          episode: their known rewards are terminal targets
+    next_states[30], horizon              ignore: rewards[0] is the (n-step) sum of the ignore rewards
+                                          from this step on, and the target adds
+                                          gamma**horizon * Q(next_states) when horizon > 0
+                                          (horizon 0: terminal, nothing to bootstrap)
+    logged_action, action_prob            what the deployed policy did at this step (-1 / NaN: nothing
+                                          logged), for off-policy estimates
+    episode                               a stable 63-bit hash of (sandbox_id, episode_id): finds an
+                                          episode's rows again, e.g. to relabel them
+    malicious, severity, ignore_steps,    what the rewards were computed from, so that a revised label
+    window_final, table_mask              can recompute them in place (see `relabel_rewards`)
+
+With the label known, the four responses' rewards come from the reward table and `ignore` bootstraps;
+an event's `reward` field replaces the table's value for its logged action only (ignore when nothing
+was logged). Each sampled row teaches all five Q-values, where the earlier design pushed the step plus
+four counterfactual response transitions: five rows for one step.
+
+Numpy only; the learning side turns rows into tensors (streamdqn.learning.replay).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import NamedTuple
+
+import numpy as np
+
+from streamdqn.stream.features import FEATURE_DIM
+from streamdqn.stream.rewards import RewardTable
+from streamdqn.stream.wire import Action
+
+N_ACTIONS = len(Action)
+IGNORE = int(Action.IGNORE)
+
+
+class ReplayRows(NamedTuple):
+    """A batch of replay rows, every field an array of the same length N."""
+
+    states: np.ndarray  # float32 [N, 30]
+    rewards: np.ndarray  # float32 [N, 5]
+    known: np.ndarray  # bool [N, 5]
+    next_states: np.ndarray  # float32 [N, 30]
+    horizon: np.ndarray  # int8 [N]: ignore bootstraps gamma**horizon * Q(next); 0 = terminal
+    logged_action: np.ndarray  # int8 [N]: -1 when the event logged no action
+    action_prob: np.ndarray  # float32 [N]: NaN when not logged
+    episode: np.ndarray  # int64 [N]: episode_hash() of the row's episode
+    malicious: np.ndarray  # bool [N]: the label the rewards were computed from
+    severity: np.ndarray  # float32 [N]
+    ignore_steps: np.ndarray  # int8 [N]: ignore rewards summed into rewards[:, 0] (0: ignore unknown)
+    window_final: np.ndarray  # bool [N]: the last of them was the episode's final step
+    table_mask: np.ndarray  # uint8 [N]: bit a set = rewards[:, a] came from the reward table
+
+    def __len__(self) -> int:
+        return len(self.horizon)
+
+    @staticmethod
+    def empty(n: int = 0) -> ReplayRows:
+        return ReplayRows(
+            states=np.zeros((n, FEATURE_DIM), np.float32), rewards=np.zeros((n, N_ACTIONS), np.float32),
+            known=np.zeros((n, N_ACTIONS), bool), next_states=np.zeros((n, FEATURE_DIM), np.float32),
+            horizon=np.zeros(n, np.int8), logged_action=np.full(n, -1, np.int8),
+            action_prob=np.full(n, np.nan, np.float32), episode=np.zeros(n, np.int64),
+            malicious=np.zeros(n, bool), severity=np.zeros(n, np.float32), ignore_steps=np.zeros(n, np.int8),
+            window_final=np.zeros(n, bool), table_mask=np.zeros(n, np.uint8),
+        )
+
+    @staticmethod
+    def concat(parts: list[ReplayRows]) -> ReplayRows:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return ReplayRows.empty()
+        if len(parts) == 1:
+            return parts[0]
+        return ReplayRows(*(np.concatenate(columns) for columns in zip(*parts, strict=True)))
+
+
+ROW_FIELDS: tuple[str, ...] = ReplayRows._fields
+# Per-field dtype and trailing shape: the learning side's storage is laid out from this.
+ROW_LAYOUT: dict[str, tuple[np.dtype[np.generic], tuple[int, ...]]] = {
+    name: (column.dtype, column.shape[1:])
+    for name, column in zip(ROW_FIELDS, ReplayRows.empty(), strict=True)
+}
+
+
+def episode_hash(sandbox_id: str, episode_id: str) -> int:
+    """A stable non-negative 63-bit id of an episode (the same before and after a restart)."""
+    data = f"{sandbox_id}\0{episode_id}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def relabel_rewards(
+    rows: ReplayRows, malicious: bool, severity: float, rewards: RewardTable, gamma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rewards and known-mask of `rows` under another label; entries that did not come from the
+    reward table (a logged reward) keep their value. Returns (rewards float32 [N,5], known bool [N,5])."""
+    n = len(rows)
+    out = rows.rewards.copy()
+    mal = np.full(n, malicious)
+    sev = np.full(n, severity)
+    for action in range(1, N_ACTIONS):
+        from_table = (rows.table_mask >> action) & 1 == 1
+        value = rewards.rewards(np.full(n, action), mal, sev, np.zeros(n, bool))
+        out[:, action] = np.where(from_table, value, out[:, action])
+    from_table = (rows.table_mask & 1 == 1) & (rows.ignore_steps > 0)
+    steps = rows.ignore_steps.astype(np.int64)
+    step_reward = rewards.rewards(np.zeros(n, np.int64), mal, sev, np.zeros(n, bool))
+    final_reward = rewards.rewards(np.zeros(n, np.int64), mal, sev, np.ones(n, bool))
+    # sum_{j<m} gamma^j r_step, with the last term the final reward when the window ends the episode.
+    geometric = steps.astype(np.float64) if gamma == 1.0 else (1 - gamma**steps) / (1 - gamma)
+    last = np.where(rows.window_final, gamma ** np.maximum(steps - 1, 0) * (final_reward - step_reward), 0.0)
+    ignore = step_reward * geometric + last
+    out[:, IGNORE] = np.where(from_table, ignore, out[:, IGNORE])
+    return out.astype(np.float32), rows.known.copy()
