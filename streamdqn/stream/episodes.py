@@ -1,62 +1,51 @@
-"""Episodes to RL transitions: the reward table and the per-episode tracker. Plain numpy.
+"""Episodes: order checks, running context, and the steps that wait for their rows.
 
-An episode is the events of one (sandbox_id, episode_id) in step order. It ends at `final: true`,
-when its sandbox starts another episode, or after an idle timeout. `ignore` continues it; contain,
-terminate, quarantine and review end it, and the rest of its events yield no transitions.
+An episode is the events of one (sandbox_id, episode_id) in step order. It ends at `final: true`, when
+its sandbox starts another episode, or after an idle timeout (then its last step counts as the final
+one). A logged response that the sandbox carried out (not `shadow`) ends what can be learned from it:
+later events of that episode are consumed but yield no rows.
 
-Flow for a batch of validated events:
-    observed = tracker.observe(events, now)      # order checks, features, rejects
-    actions  = <logged actions, else the behaviour policy over observed.features>
-    batch    = tracker.act(observed, actions)     # transitions + finished episodes
+For a batch of events (columns, in arrival order) `observe`:
+  1. gives each event its episode — the only per-event Python work, one dict lookup;
+  2. rejects events of ended episodes and steps that are not after the episode's last one;
+  3. featurizes the accepted events with each episode's running context (streamdqn.stream.features);
+  4. adds them to their episode's waiting steps and builds the rows of every step whose targets are
+     known (streamdqn.stream.rows): the label is known (inline, or a verdict given with `label()`)
+     and its ignore window is complete.
+A held-out episode (a stable share, for the publish gate) yields no rows: once over and labelled it
+joins the gate's window. Idle episodes expire from a heap, not from a scan of every open episode.
 """
 
 from __future__ import annotations
 
-import zlib
+import heapq
+import math
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+import msgspec
 import numpy as np
-import torch
 
 from streamdqn.stream.features import CARRY_DIM, FEATURE_DIM, featurize, new_carry
 from streamdqn.stream.rewards import RewardTable
-from streamdqn.stream.wire import Action, Reject, TelemetryEvent, raw_matrix
+from streamdqn.stream.rows import ReplayRows, StepTable, build_rows, episode_hash
+from streamdqn.stream.wire import EventColumns, Reject
 
 REASON_DUPLICATE = "duplicate"
 REASON_OUT_OF_ORDER = "out_of_order"
 REASON_EPISODE_CLOSED = "episode_closed"
 
+Key = tuple[str, str]
 
-@dataclass
-class _Pending:
-    """An `ignore` transition waiting for its episode's next state."""
 
-    state: np.ndarray
-    action: int
+@dataclass(frozen=True)
+class Label:
     malicious: bool
     severity: float
-    reward_override: float | None
-
-
-@dataclass
-class _Episode:
-    key: tuple[str, str]
-    partition: int
-    carry: np.ndarray = field(default_factory=lambda: new_carry(1)[0])
-    last_step: int = -1
-    last_seen: float = 0.0
-    responded: bool = False
-    # Ended in the batch being observed (a final event, or its sandbox moved on): `act` closes it.
-    final_seen: bool = False
-    pending: _Pending | None = None
-    episode_return: float = 0.0
-    malicious: bool = False
-    severity: float = 0.0
-    holdout: bool = False
-    rows: list[np.ndarray] = field(default_factory=list)  # feature rows, kept for held-out episodes only
-    complete: bool = True  # False for a held-out episode restored from a checkpoint without its rows
+    source: str  # "inline" or "verdict"
+    revision: int = -1  # the verdict's revision; -1 inline
 
 
 @dataclass(frozen=True)
@@ -66,271 +55,367 @@ class HeldOutEpisode:
     features: np.ndarray  # float32 [T, FEATURE_DIM]
     malicious: bool
     severity: float
+    action: np.ndarray | None = None  # int8 [T]: what the deployed policy logged, -1 nothing
+    action_prob: np.ndarray | None = None  # float32 [T]
 
 
-@dataclass(frozen=True)
-class Observed:
-    """Events accepted by `observe`, with their features; `act` turns them into transitions."""
+class Steps(NamedTuple):
+    """Steps of one episode (struct of arrays) that have no row yet."""
 
-    events: list[TelemetryEvent]
-    features: np.ndarray  # float32 [M, FEATURE_DIM], rows grouped by episode, in step order
-    group: np.ndarray  # [M] index into `episodes`
-    episodes: list[_Episode]
-    logged_actions: np.ndarray  # int64 [M], -1 where the event carries no logged action
-    rejects: list[Reject]  # indices refer to positions in the `events` argument of observe()
-    accepted: np.ndarray  # [M] positions in the `events` argument of observe()
+    features: np.ndarray  # float32 [m, 30]
+    final: np.ndarray  # bool [m]
+    action: np.ndarray  # int8 [m]
+    action_prob: np.ndarray  # float32 [m]
+    reward: np.ndarray  # float64 [m]
+    shadow: np.ndarray  # bool [m]
+
+    @staticmethod
+    def empty() -> Steps:
+        return Steps(np.zeros((0, FEATURE_DIM), np.float32), np.zeros(0, bool), np.zeros(0, np.int8),
+                     np.zeros(0, np.float32), np.zeros(0), np.zeros(0, bool))
+
+    def __len__(self) -> int:
+        return len(self.final)
+
+    def take(self, index: np.ndarray) -> Steps:
+        return Steps(*(c[index] for c in self))
+
+    @staticmethod
+    def concat(parts: Sequence[Steps]) -> Steps:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Steps.empty()
+        return parts[0] if len(parts) == 1 else Steps(*(np.concatenate(c) for c in zip(*parts, strict=True)))
 
 
 @dataclass
-class TransitionBatch:
-    states: np.ndarray
-    actions: np.ndarray
-    rewards: np.ndarray
-    next_states: np.ndarray
-    dones: np.ndarray
-    episode_returns: list[float] = field(default_factory=list)
-    episode_malicious: list[bool] = field(default_factory=list)
+class Episode:
+    key: Key
+    episode_id: int | str  # as the events carried it
+    partition: int
+    hash: int
+    holdout: bool
+    carry: np.ndarray = field(default_factory=lambda: new_carry(1)[0])
+    last_step: int = -1
+    last_seen: float = 0.0  # monotonic time of its last accepted event (idle expiry)
+    last_event_time: float = math.nan  # the events' own timestamp (the verdict join's clock)
+    waiting: Steps = field(default_factory=Steps.empty)  # steps without a row yet
+    kept: list[Steps] = field(default_factory=list)  # held-out episodes: every step, for the gate
+    inline: Label | None = None
+    verdict: Label | None = None
+    censored: bool = False  # a carried-out logged response ended what can be learned
+    logged_return: float = 0.0
 
-    @staticmethod
-    def empty() -> TransitionBatch:
-        return TransitionBatch(
-            np.zeros((0, FEATURE_DIM), np.float32),
-            np.zeros(0, np.int64),
-            np.zeros(0, np.float32),
-            np.zeros((0, FEATURE_DIM), np.float32),
-            np.zeros(0, bool),
-        )
-
-    def __len__(self) -> int:
-        return len(self.actions)
+    @property
+    def label(self) -> Label | None:
+        return self.verdict or self.inline
 
 
-class _Collector:
-    def __init__(self) -> None:
-        self.states: list[np.ndarray] = []
-        self.actions: list[np.ndarray] = []
-        self.rewards: list[np.ndarray] = []
-        self.next_states: list[np.ndarray] = []
-        self.dones: list[np.ndarray] = []
-        self.returns: list[float] = []
-        self.malicious: list[bool] = []
+class Finished(NamedTuple):
+    """An episode over and labelled: what the metrics need of it."""
 
-    def add(self, s: np.ndarray, a: np.ndarray, r: np.ndarray, s2: np.ndarray, d: np.ndarray) -> None:
-        if len(a):
-            self.states.append(s)
-            self.actions.append(a)
-            self.rewards.append(r)
-            self.next_states.append(s2)
-            self.dones.append(d)
+    key: Key
+    label: Label
+    logged_return: float  # what the sandbox's own actions earned (ignore where none was logged)
+    holdout: bool
 
-    def batch(self) -> TransitionBatch:
-        if not self.actions:
-            out = TransitionBatch.empty()
-        else:
-            out = TransitionBatch(
-                np.concatenate(self.states).astype(np.float32, copy=False),
-                np.concatenate(self.actions).astype(np.int64, copy=False),
-                np.concatenate(self.rewards).astype(np.float32, copy=False),
-                np.concatenate(self.next_states).astype(np.float32, copy=False),
-                np.concatenate(self.dones).astype(bool, copy=False),
-            )
-        out.episode_returns = self.returns
-        out.episode_malicious = self.malicious
-        return out
+
+@dataclass
+class Emitted:
+    """What one call produced: rows to push, and the episodes it finished."""
+
+    rows: list[ReplayRows] = field(default_factory=list)
+    finished: list[Finished] = field(default_factory=list)
+    unlabelled: list[Episode] = field(default_factory=list)  # over, waiting for a verdict
+
+    def merge(self, other: Emitted) -> Emitted:
+        self.rows += other.rows
+        self.finished += other.finished
+        self.unlabelled += other.unlabelled
+        return self
+
+    @property
+    def all_rows(self) -> ReplayRows:
+        return ReplayRows.concat(self.rows)
+
+
+class Observation(NamedTuple):
+    accepted: np.ndarray  # int64: positions (in the events given) of the accepted events, in order
+    features: np.ndarray  # float32 [len(accepted), 30]
+    rejects: list[tuple[int, Reject]]  # (event position, reject); Reject.index is unused (-1)
+    emitted: Emitted
 
 
 class EpisodeTracker:
-    """Open episodes across many sandboxes, and the transitions their events yield."""
-
     def __init__(
         self,
         rewards: RewardTable | None = None,
         *,
+        gamma: float = 0.99,
+        n_steps: int = 1,
         idle_timeout: float = 300.0,
         reward_clip: float = 10.0,
-        remember_closed: int = 100_000,
-        counterfactual_responses: bool = True,
         holdout_fraction: float = 0.0,
         holdout_keep: int = 500,
+        remember_closed: int = 100_000,
     ) -> None:
         self.rewards = rewards or RewardTable()
-        self.counterfactual_responses = counterfactual_responses
-        self.holdout_fraction = holdout_fraction
-        # The most recent held-out episodes, never pushed to replay (see `_is_holdout`).
-        self.holdout: deque[HeldOutEpisode] = deque(maxlen=holdout_keep)
+        self.gamma = gamma
+        self.n_steps = n_steps
         self.idle_timeout = idle_timeout
         self.reward_clip = reward_clip
-        self._open: dict[tuple[str, str], _Episode] = {}
-        self._current: dict[str, tuple[str, str]] = {}  # sandbox -> its open episode
-        self._closed: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.holdout_fraction = holdout_fraction
+        self.holdout: deque[HeldOutEpisode] = deque(maxlen=holdout_keep)
+        self._open: dict[Key, Episode] = {}
+        self._current: dict[str, Key] = {}  # sandbox -> its open episode
+        self._closed: OrderedDict[Key, None] = OrderedDict()
         self._remember_closed = remember_closed
+        self._idle: list[tuple[float, Key]] = []  # (last_seen, key); stale entries are skipped
 
     @property
     def open_episodes(self) -> int:
         return len(self._open)
 
-    def observe(
-        self, events: Sequence[TelemetryEvent], now: float, partitions: Sequence[int] | None = None
-    ) -> tuple[Observed, TransitionBatch]:
-        """Check order, featurize accepted events; also returns episodes this batch closed."""
-        closing = _Collector()
-        rejects: list[Reject] = []
-        accepted: list[int] = []
-        episodes: list[_Episode] = []
-        slot: dict[tuple[str, str], int] = {}
-        group_of: list[int] = []
-        for i, event in enumerate(events):
-            key = event.episode_key
+    def episode(self, key: Key) -> Episode | None:
+        return self._open.get(key)
+
+    # ------------------------------------------------------------------ a batch
+    def observe(self, events: EventColumns, partitions: np.ndarray, now: float) -> Observation:
+        n = len(events)
+        emitted = Emitted()
+        if n == 0:
+            return Observation(np.zeros(0, np.int64), np.zeros((0, FEATURE_DIM), np.float32), [], emitted)
+        keys = list(zip(events.sandbox_id, map(str, events.episode_id), strict=True))
+        slot_of: dict[Key, int] = {}
+        slot = np.fromiter((slot_of.setdefault(k, len(slot_of)) for k in keys), np.int64, n)
+        first = np.unique(slot, return_index=True)[1]
+        episodes, closed, end = self._resolve(list(slot_of), first, events, partitions, emitted)
+
+        # Order: a step must come after every earlier step of its episode (a running maximum).
+        order = np.argsort(slot, kind="stable")
+        grouped = slot[order]
+        starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+        last_steps = np.array([e.last_step if e is not None else -1 for e in episodes], np.int64)
+        steps = events.step[order]
+        before = _grouped_previous_max(steps, grouped, starts, last_steps)
+        ok_sorted = steps > before
+        order_ok = np.empty(n, bool)
+        order_ok[order] = ok_sorted
+        previous = np.empty(n, np.int64)
+        previous[order] = before
+
+        positions = np.arange(n)
+        live = ~closed[slot] & (positions < end[slot])
+        # An accepted final step ends its episode: its later events in the batch are rejected.
+        final_at = np.full(len(episodes), n)
+        ends_here = np.flatnonzero(live & order_ok & events.final)
+        np.minimum.at(final_at, slot[ends_here], ends_here)
+        end = np.minimum(end, final_at + 1)
+        live = ~closed[slot] & (positions < end[slot])
+        accepted_mask = live & order_ok
+
+        rejects: list[tuple[int, Reject]] = []
+        for i in np.flatnonzero(~accepted_mask).tolist():
+            sandbox, episode_id = keys[i]
+            if closed[slot[i]]:
+                detail = f"episode {episode_id} of {sandbox} already ended"
+                rejects.append((i, Reject(-1, REASON_EPISODE_CLOSED, detail)))
+            elif not live[i]:
+                detail = f"episode {episode_id} of {sandbox} ended"
+                rejects.append((i, Reject(-1, REASON_EPISODE_CLOSED, detail)))
+            else:
+                reason = REASON_DUPLICATE if events.step[i] == previous[i] else REASON_OUT_OF_ORDER
+                detail = f"step: {events.step[i]} after step {previous[i]} of episode {episode_id}"
+                rejects.append((i, Reject(-1, reason, detail)))
+
+        accepted = order[accepted_mask[order]]  # grouped by episode, each in arrival (= step) order
+        group = slot[accepted]
+        features = self._featurize(events, accepted, group, episodes)
+        ended_slots = np.zeros(len(episodes), bool)
+        ended_slots[final_at < n] = True
+        ended_slots[end < n] = True  # a later episode of its sandbox started in this batch
+        self._add_steps(events, accepted, group, features, episodes, now)
+        emitted.merge(self._emit([episodes[g] for g in np.unique(group)] if len(group) else [], set()))
+        for g in np.flatnonzero(ended_slots).tolist():
+            episode = episodes[g]
+            if episode is not None and episode.key in self._open:
+                emitted.merge(self._close(episode))
+        restore = np.argsort(accepted, kind="stable")
+        return Observation(accepted[restore], features[restore], rejects, emitted)
+
+    def _resolve(
+        self, keys: list[Key], first: np.ndarray, events: EventColumns, partitions: np.ndarray,
+        emitted: Emitted,
+    ) -> tuple[list[Episode | None], np.ndarray, np.ndarray]:
+        """Each key's episode (None: already ended), and where each one's accepted events end."""
+        u = len(keys)
+        n = len(events)
+        episodes: list[Episode | None] = [None] * u
+        closed = np.zeros(u, bool)
+        end = np.full(u, n)
+        slot_of = {k: i for i, k in enumerate(keys)}
+        for i, key in enumerate(keys):
             if key in self._closed:
-                rejects.append(Reject(i, REASON_EPISODE_CLOSED,
-                                      f"episode {key[1]} of {key[0]} already ended"))
+                closed[i] = True
                 continue
             episode = self._open.get(key)
-            if episode is not None and episode.final_seen:
-                # Ended earlier in this batch (`act` closes it): the same as arriving in a later batch.
-                rejects.append(Reject(i, REASON_EPISODE_CLOSED, f"episode {key[1]} of {key[0]} ended"))
-                continue
             if episode is None:
-                previous = self._current.get(event.sandbox_id)
-                if previous is not None and previous in slot:
-                    # It has events in this batch that `act` has yet to turn into transitions: mark it
-                    # ended so that `act` closes it after them, its last step counting as the final one.
-                    self._open[previous].final_seen = True
-                elif previous is not None and previous in self._open:
-                    self._close(self._open[previous], closing)
-                partition = partitions[i] if partitions is not None else -1
-                episode = self._open[key] = _Episode(key=key, partition=partition,
-                                                     holdout=self._is_holdout(key))
-                self._current[event.sandbox_id] = key
-            if event.step <= episode.last_step:
-                reason = REASON_DUPLICATE if event.step == episode.last_step else REASON_OUT_OF_ORDER
-                rejects.append(
-                    Reject(i, reason,
-                           f"step: {event.step} after step {episode.last_step} of episode {key[1]}")
+                previous = self._current.get(key[0])
+                if previous is not None and previous in self._open:
+                    p = slot_of.get(previous)
+                    if p is not None and first[p] < first[i]:
+                        # It has events before this one in the batch: they count, then it ends.
+                        end[p] = min(end[p], first[i])
+                    else:
+                        emitted.merge(self._close(self._open[previous]))
+                        if p is not None:
+                            closed[p] = True
+                position = int(first[i])
+                episode = self._open[key] = Episode(
+                    key, events.episode_id[position], int(partitions[position]), episode_hash(*key),
+                    holdout=self._is_holdout(key),
                 )
-                continue
-            episode.last_step = event.step
-            episode.last_seen = now
-            episode.malicious = event.is_malicious
-            episode.severity = max(episode.severity, event.severity)
-            if key not in slot:
-                slot[key] = len(episodes)
-                episodes.append(episode)
-            accepted.append(i)
-            group_of.append(slot[key])
-            if event.final:
-                episode.final_seen = True
+                self._current[key[0]] = key
+            episodes[i] = episode
+        return episodes, closed, end
 
-        group = np.asarray(group_of, dtype=np.int64)
-        order = np.argsort(group, kind="stable")
-        accepted_arr = np.asarray(accepted, dtype=np.int64)[order]
-        group = group[order]
-        kept = [events[i] for i in accepted_arr]
-        carry = np.stack([e.carry for e in episodes]) if episodes else np.zeros((0, CARRY_DIM))
-        features, carry = featurize(
-            raw_matrix(kept), np.array([e.step for e in kept], dtype=np.float64), group, carry
-        )
-        for g, episode in enumerate(episodes):
-            episode.carry = carry[g]
-        logged = np.array([-1 if e.action is None else e.action for e in kept], dtype=np.int64)
-        observed = Observed(kept, features, group, episodes, logged, rejects, accepted_arr)
-        return observed, closing.batch()
+    def _featurize(
+        self, events: EventColumns, accepted: np.ndarray, group: np.ndarray, episodes: list[Episode | None]
+    ) -> np.ndarray:
+        present = np.unique(group)
+        carry = np.zeros((len(episodes), CARRY_DIM))
+        for g in present.tolist():
+            carry[g] = episodes[g].carry  # type: ignore[union-attr]
+        steps = events.step[accepted].astype(np.float64)
+        features, carry = featurize(events.raw[accepted], steps, group, carry)
+        for g in present.tolist():
+            episodes[g].carry = carry[g]  # type: ignore[union-attr]
+        return features
 
-    def act(self, observed: Observed, actions: np.ndarray) -> TransitionBatch:
-        """Transitions for the observed events given the action taken at each (logged or chosen)."""
-        out = _Collector()
-        events, feats, group = observed.events, observed.features, observed.group
-        n = len(events)
-        if n == 0:
-            return out.batch()
-        actions = np.where(observed.logged_actions >= 0, observed.logged_actions, actions).astype(np.int64)
-        malicious = np.array([e.is_malicious for e in events])
-        severity = np.array([e.severity for e in events])
-        final = np.array([e.final for e in events])
-        rewards = self.rewards.rewards(actions, malicious, severity, final)
-        overrides = np.array([np.nan if e.reward is None else e.reward for e in events])
-        has_override = ~np.isnan(overrides)
-        rewards = np.where(has_override, np.clip(overrides, -self.reward_clip, self.reward_clip), rewards)
-
-        responded_before = np.array([ep.responded for ep in observed.episodes])[group]
-        held_out = np.array([ep.holdout for ep in observed.episodes])[group]
-        for g in np.flatnonzero([ep.holdout for ep in observed.episodes]):
-            observed.episodes[g].rows.append(feats[group == g])
-        # Held-out episodes are recorded for evaluation and never learned from.
-        responded_before |= held_out
-        responds = actions != Action.IGNORE
-        # A response ends the episode: rows after the first one in the same episode yield nothing.
-        prior = np.cumsum(responds) - responds
-        starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
-        prior_in_group = prior - prior[starts][np.searchsorted(starts, np.arange(n), side="right") - 1]
-        alive = ~responded_before & (prior_in_group == 0)
-        done = responds | final
-        same_next = np.r_[group[1:] == group[:-1], False]
-
-        # The first row of each episode resolves the transition left pending by an earlier batch.
-        for g, episode in enumerate(observed.episodes):
-            first = starts[g]
-            if episode.pending is not None and alive[first]:
-                p = episode.pending
-                r = self._reward_of(p, final=False)
-                out.add(p.state[None], np.array([p.action]), np.array([r]), feats[first][None],
-                        np.array([False]))
-                episode.episode_return += r
-                episode.pending = None
-
-        complete = alive & (done | same_next)
-        idx = np.flatnonzero(complete)
-        nxt = np.where(done[idx], idx, np.minimum(idx + 1, n - 1))
-        out.add(feats[idx], actions[idx], rewards[idx], feats[nxt], done[idx])
-        if self.counterfactual_responses:
-            self._add_counterfactuals(out, feats, actions, malicious, severity, np.flatnonzero(alive))
-        np.add.at(_returns := np.zeros(len(observed.episodes)), group[idx], rewards[idx])
-
-        last_rows = np.append(starts[1:], n) - 1
-        for g, episode in enumerate(observed.episodes):
-            episode.episode_return += float(_returns[g])
-            last = last_rows[g]
-            if alive[last] and not done[last]:
-                e = events[last]
-                episode.pending = _Pending(
-                    feats[last].copy(), int(actions[last]), e.is_malicious, e.severity, e.reward
-                )
-            if (alive[starts[g] : last + 1] & responds[starts[g] : last + 1]).any():
-                episode.responded = True
-            if episode.final_seen or episode.responded:  # noqa: SIM102
-                if episode.final_seen:
-                    self._close(episode, out)
-                # A responded episode stays open (its later events are consumed but ignored) until final.
-        return out.batch()
-
-    def _add_counterfactuals(
-        self, out: _Collector, feats: np.ndarray, actions: np.ndarray, malicious: np.ndarray,
-        severity: np.ndarray, rows: np.ndarray,
+    def _add_steps(
+        self, events: EventColumns, accepted: np.ndarray, group: np.ndarray, features: np.ndarray,
+        episodes: list[Episode | None], now: float,
     ) -> None:
-        # Telemetry is exogenous: what a sample does before the response does not depend on the
-        # policy, so the reward of every response at every visited step is known from the table.
-        # Adding those terminal transitions teaches Q(s, response) at every state the behaviour
-        # policy reached, not only where exploration happened to respond.
-        for response in range(1, len(Action)):
-            r = rows[actions[rows] != response]
-            if len(r) == 0:
-                continue
-            chosen = np.full(len(r), response, dtype=np.int64)
-            reward = self.rewards.rewards(chosen, malicious[r], severity[r], np.zeros(len(r), bool))
-            out.add(feats[r], chosen, reward, feats[r], np.ones(len(r), bool))
+        if not len(accepted):
+            return
+        starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+        stops = np.append(starts[1:], len(group))
+        for s, e in zip(starts.tolist(), stops.tolist(), strict=True):
+            episode = episodes[group[s]]
+            assert episode is not None
+            rows = accepted[s:e]
+            episode.last_step = int(events.step[rows[-1]])
+            episode.last_seen = now
+            stamps = events.timestamp[rows]
+            if not np.isnan(stamps).all():
+                episode.last_event_time = float(np.nanmax(stamps))
+            labelled = rows[events.malicious[rows] >= 0]
+            if len(labelled):  # the wire format gives severity with every inline label
+                previous = episode.inline.severity if episode.inline else 0.0
+                severity = max(previous, float(events.severity[labelled].max()))
+                episode.inline = Label(bool(events.malicious[labelled[-1]]), severity, "inline")
+            heapq.heappush(self._idle, (now, episode.key))
+            if episode.censored:
+                continue  # consumed, but nothing more to learn from it
+            block = Steps(features[s:e], events.final[rows], events.action[rows],
+                          events.action_prob[rows].astype(np.float32), events.reward[rows],
+                          events.shadow[rows])
+            response = np.flatnonzero((block.action >= 1) & ~block.shadow)
+            if len(response):
+                block = block.take(np.arange(response[0] + 1))
+                episode.censored = True
+            if episode.holdout:
+                episode.kept.append(block)
+            else:
+                episode.waiting = Steps.concat([episode.waiting, block])
 
-    def expire(self, now: float) -> TransitionBatch:
-        """Close episodes idle for longer than the idle timeout (their last step counts as final)."""
-        out = _Collector()
-        for episode in [e for e in self._open.values() if now - e.last_seen > self.idle_timeout]:
-            self._close(episode, out)
-        return out.batch()
+    # ------------------------------------------------------------------ rows
+    def _emit(self, episodes: Sequence[Episode | None], ended: set[Key]) -> Emitted:
+        """Build the rows of every waiting step whose targets are known (episodes in `ended` are over)."""
+        emitted = Emitted()
+        ready = [e for e in episodes
+                 if e is not None and not e.holdout and len(e.waiting) and e.label is not None]
+        if not ready:
+            return emitted
+        blocks = [e.waiting for e in ready]
+        lengths = np.array([len(b) for b in blocks])
+        table_steps = Steps.concat(blocks)
+        group = np.repeat(np.arange(len(ready)), lengths)
+        labels = [e.label for e in ready if e.label is not None]
+        malicious = np.repeat(np.array([int(lb.malicious) for lb in labels], np.int8), lengths)
+        severity = np.repeat(np.array([lb.severity for lb in labels], np.float32), lengths)
+        table = StepTable(table_steps.features, group, malicious, severity, table_steps.final,
+                          table_steps.action, table_steps.action_prob, table_steps.reward, table_steps.shadow)
+        # Over: the last step seen counts as the final one. Not for a censored episode: its last step is
+        # the response, whose ignore stays unknown, and earlier windows already stop before it.
+        over = np.array([e.key in ended and not e.censored for e in ready])
+        built = build_rows(table, over, np.array([e.hash for e in ready], np.int64), rewards=self.rewards,
+                           gamma=self.gamma, n_steps=self.n_steps, reward_clip=self.reward_clip)
+        emitted.rows.append(built.rows)
+        offsets = np.append(0, np.cumsum(lengths))
+        for g, episode in enumerate(ready):
+            lo, hi = offsets[g], offsets[g + 1]
+            done = built.emitted[lo:hi]
+            episode.logged_return += float(built.logged_reward[lo:hi][done].sum())
+            episode.waiting = episode.waiting.take(np.flatnonzero(~done))
+        return emitted
 
-    def close_all(self) -> TransitionBatch:
-        out = _Collector()
+    def _close(self, episode: Episode) -> Emitted:
+        """The episode is over: its last step counts as the final one."""
+        emitted = self._emit([episode], {episode.key})
+        self._forget(episode)
+        self._closed[episode.key] = None
+        while len(self._closed) > self._remember_closed:
+            self._closed.popitem(last=False)
+        label = episode.label
+        if label is None:
+            emitted.unlabelled.append(episode)
+            return emitted
+        emitted.finished.append(Finished(episode.key, label, episode.logged_return, episode.holdout))
+        if episode.holdout and episode.kept:
+            steps = Steps.concat(episode.kept)
+            self.holdout.append(HeldOutEpisode(steps.features, label.malicious, label.severity, steps.action,
+                                               steps.action_prob))
+        return emitted
+
+    def label(self, episode: Episode, label: Label, *, over: bool) -> Emitted:
+        """Give an episode (open, or over and waiting) its verdict; builds what it can now."""
+        episode.verdict = label
+        if not over:
+            return self._emit([episode], set())
+        emitted = self._emit([episode], {episode.key})
+        emitted.finished.append(Finished(episode.key, label, episode.logged_return, episode.holdout))
+        if episode.holdout and episode.kept:
+            steps = Steps.concat(episode.kept)
+            self.holdout.append(HeldOutEpisode(steps.features, label.malicious, label.severity, steps.action,
+                                               steps.action_prob))
+        return emitted
+
+    def _forget(self, episode: Episode) -> None:
+        self._open.pop(episode.key, None)
+        if self._current.get(episode.key[0]) == episode.key:
+            del self._current[episode.key[0]]
+
+    # ------------------------------------------------------------------ time and partitions
+    def expire(self, now: float) -> Emitted:
+        """Close episodes idle for longer than the idle timeout."""
+        emitted = Emitted()
+        deadline = now - self.idle_timeout
+        while self._idle and self._idle[0][0] < deadline:
+            seen, key = heapq.heappop(self._idle)
+            episode = self._open.get(key)
+            if episode is not None and episode.last_seen == seen:
+                emitted.merge(self._close(episode))
+        if len(self._idle) > 4 * len(self._open) + 1024:  # stale entries of busy episodes
+            self._idle = [(e.last_seen, k) for k, e in self._open.items()]
+            heapq.heapify(self._idle)
+        return emitted
+
+    def close_all(self) -> Emitted:
+        emitted = Emitted()
         for episode in list(self._open.values()):
-            self._close(episode, out)
-        return out.batch()
+            emitted.merge(self._close(episode))
+        return emitted
 
     def drop_partitions(self, partitions: set[int]) -> int:
         """Forget open episodes read from these partitions (revoked in a rebalance); returns how many."""
@@ -339,77 +424,139 @@ class EpisodeTracker:
             self._forget(episode)
         return len(doomed)
 
-    def _is_holdout(self, key: tuple[str, str]) -> bool:
+    def _is_holdout(self, key: Key) -> bool:
         # A stable hash: the same episode is held out before and after a restart.
-        return zlib.crc32(f"{key[0]}\0{key[1]}".encode()) % 10_000 < self.holdout_fraction * 10_000
+        if self.holdout_fraction <= 0:
+            return False
+        return episode_hash(*key) % 10_000 < self.holdout_fraction * 10_000
 
-    def _reward_of(self, p: _Pending, *, final: bool) -> float:
-        if p.reward_override is not None:
-            return float(np.clip(p.reward_override, -self.reward_clip, self.reward_clip))
-        r = self.rewards.rewards(np.array([p.action]), np.array([p.malicious]), np.array([p.severity]),
-                                 np.array([final]))
-        return float(r[0])
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> TrackerState:
+        return TrackerState(
+            episodes=[_episode_state(e) for e in self._open.values()],
+            current=[[s, *k] for s, k in self._current.items()],
+            closed=[list(k) for k in self._closed],
+            holdout=[_held_out_state(h) for h in self.holdout],
+        )
 
-    def _close(self, episode: _Episode, out: _Collector) -> None:
-        if episode.pending is not None:
-            # The episode ended without telling us: its last observed step was the final one.
-            p = episode.pending
-            r = self._reward_of(p, final=True)
-            out.add(p.state[None], np.array([p.action]), np.array([r]), p.state[None], np.array([True]))
-            episode.episode_return += r
-            episode.pending = None
-        if episode.holdout:
-            if episode.complete and episode.rows:
-                self.holdout.append(HeldOutEpisode(np.concatenate(episode.rows), episode.malicious,
-                                                   episode.severity))
-        else:
-            out.returns.append(episode.episode_return)
-            out.malicious.append(episode.malicious)
-        self._forget(episode)
-        self._closed[episode.key] = None
-        while len(self._closed) > self._remember_closed:
-            self._closed.popitem(last=False)
-
-    def _forget(self, episode: _Episode) -> None:
-        self._open.pop(episode.key, None)
-        sandbox = episode.key[0]
-        if self._current.get(sandbox) == episode.key:
-            del self._current[sandbox]
-
-    def state_dict(self) -> dict[str, object]:
-        """Open episodes as plain lists and numbers (checkpointable with weights_only loading)."""
-        episodes = []
-        for e in self._open.values():
-            pending = None
-            if e.pending is not None:
-                p = e.pending
-                pending = [p.state.tolist(), p.action, p.malicious, p.severity, p.reward_override]
-            episodes.append(
-                [list(e.key), e.partition, e.carry.tolist(), e.last_step, e.responded, e.final_seen,
-                 pending, e.episode_return, e.malicious, e.severity]
-            )
-        # The publish gate's evaluation window: without it a restarted daemon would publish ungated
-        # until enough held-out episodes finished again.
-        holdout = [[torch.from_numpy(h.features), h.malicious, h.severity] for h in self.holdout]
-        return {"episodes": episodes, "current": [[k, list(v)] for k, v in self._current.items()],
-                "closed": [list(k) for k in self._closed], "holdout": holdout}
-
-    def load_state_dict(self, state: dict[str, object], now: float) -> None:
-        self._open.clear()
-        for (key, partition, carry, last_step, responded, final_seen, pending, ret, mal,
-             sev) in state["episodes"]:  # type: ignore[attr-defined]
-            k = (key[0], key[1])
-            holdout = self._is_holdout(k)
-            e = _Episode(key=k, partition=partition, carry=np.asarray(carry, dtype=np.float64),
-                         last_step=last_step, last_seen=now, responded=responded, final_seen=final_seen,
-                         episode_return=ret, malicious=mal, severity=sev, holdout=holdout,
-                         complete=not holdout)
-            if pending is not None:
-                e.pending = _Pending(np.asarray(pending[0], dtype=np.float32), pending[1], pending[2],
-                                     pending[3], pending[4])
+    def load_state(self, state: TrackerState, now: float) -> None:
+        self._open = {}
+        for s in state.episodes:
+            e = _episode_of(s, now)
+            e.holdout = self._is_holdout(e.key)
             self._open[e.key] = e
-        self._current = {k: (v[0], v[1]) for k, v in state["current"]}  # type: ignore[attr-defined]
-        self._closed = OrderedDict(((k[0], k[1]), None) for k in state["closed"])  # type: ignore[attr-defined]
+        self._current = {s: (k0, k1) for s, k0, k1 in state.current}
+        self._closed = OrderedDict(((k0, k1), None) for k0, k1 in state.closed)
         self.holdout.clear()
-        for features, malicious, severity in state.get("holdout", []):  # type: ignore[attr-defined]
-            self.holdout.append(HeldOutEpisode(np.asarray(features, dtype=np.float32), malicious, severity))
+        self.holdout.extend(_held_out_of(h) for h in state.holdout)
+        self._idle = [(e.last_seen, k) for k, e in self._open.items()]
+        heapq.heapify(self._idle)
+
+
+def _grouped_previous_max(
+    values: np.ndarray, group: np.ndarray, starts: np.ndarray, initial: np.ndarray
+) -> np.ndarray:
+    """For each row, the maximum of the rows before it in its group (and of the group's initial value)."""
+    out = np.empty_like(values)
+    ends = np.append(starts[1:], len(values))
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        chunk = np.maximum.accumulate(np.concatenate(([initial[group[s]]], values[s:e])))
+        out[s:e] = chunk[:-1]
+    return out
+
+
+# --- checkpoint state: typed, versioned by the checkpoint format -------------------------------------
+
+
+class ArrayState(msgspec.Struct, array_like=True):
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+
+def _array(a: np.ndarray) -> ArrayState:
+    a = np.ascontiguousarray(a)
+    return ArrayState(a.dtype.str, list(a.shape), a.tobytes())
+
+
+def _numpy(s: ArrayState) -> np.ndarray:
+    return np.frombuffer(s.data, dtype=np.dtype(s.dtype)).reshape(s.shape).copy()
+
+
+class LabelState(msgspec.Struct, array_like=True):
+    malicious: bool
+    severity: float
+    source: str
+    revision: int
+
+
+class EpisodeState(msgspec.Struct):
+    sandbox_id: str
+    episode_key: str
+    episode_id: int | str
+    partition: int
+    carry: ArrayState
+    last_step: int
+    last_event_time: float
+    waiting: list[ArrayState]  # the Steps columns in order
+    kept: list[list[ArrayState]]
+    inline: LabelState | None
+    verdict: LabelState | None
+    censored: bool
+    logged_return: float
+
+
+class HeldOutState(msgspec.Struct, array_like=True):
+    features: ArrayState
+    malicious: bool
+    severity: float
+    action: ArrayState | None
+    action_prob: ArrayState | None
+
+
+class TrackerState(msgspec.Struct):
+    episodes: list[EpisodeState]
+    current: list[list[str]]  # [sandbox_id, sandbox_id, episode key]
+    closed: list[list[str]]
+    holdout: list[HeldOutState]
+
+
+def _label_state(label: Label | None) -> LabelState | None:
+    if label is None:
+        return None
+    return LabelState(label.malicious, label.severity, label.source, label.revision)
+
+
+def _label_of(s: LabelState | None) -> Label | None:
+    return None if s is None else Label(s.malicious, s.severity, s.source, s.revision)
+
+
+def _episode_state(e: Episode) -> EpisodeState:
+    return EpisodeState(
+        e.key[0], e.key[1], e.episode_id, e.partition, _array(e.carry), e.last_step, e.last_event_time,
+        [_array(c) for c in e.waiting], [[_array(c) for c in s] for s in e.kept], _label_state(e.inline),
+        _label_state(e.verdict), e.censored, e.logged_return,
+    )
+
+
+def _episode_of(s: EpisodeState, now: float) -> Episode:
+    key = (s.sandbox_id, s.episode_key)
+    return Episode(
+        key, s.episode_id, s.partition, episode_hash(*key), holdout=False, carry=_numpy(s.carry),
+        last_step=s.last_step, last_seen=now, last_event_time=s.last_event_time,
+        waiting=Steps(*(_numpy(c) for c in s.waiting)), kept=[Steps(*(_numpy(c) for c in k)) for k in s.kept],
+        inline=_label_of(s.inline), verdict=_label_of(s.verdict), censored=s.censored,
+        logged_return=s.logged_return,
+    )
+
+
+def _held_out_state(h: HeldOutEpisode) -> HeldOutState:
+    return HeldOutState(_array(h.features), h.malicious, h.severity,
+                        None if h.action is None else _array(h.action),
+                        None if h.action_prob is None else _array(h.action_prob))
+
+
+def _held_out_of(s: HeldOutState) -> HeldOutEpisode:
+    return HeldOutEpisode(_numpy(s.features), s.malicious, s.severity,
+                          None if s.action is None else _numpy(s.action),
+                          None if s.action_prob is None else _numpy(s.action_prob))

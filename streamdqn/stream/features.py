@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 
 from streamdqn.stream.wire import COUNT_FIELDS, FLAG_FIELDS, RAW_FIELDS
@@ -223,14 +224,22 @@ class RunningNormalizer:
     def normalize(self, x: np.ndarray) -> np.ndarray:
         return np.clip((x - self.mean) / self.std, -self.clip, self.clip).astype(np.float32)
 
-    def state_dict(self) -> dict[str, object]:
-        return {"count": self.count, "mean": self.mean.tolist(), "m2": self.m2.tolist(), "clip": self.clip}
+    def state(self) -> NormalizerState:
+        return NormalizerState(self.count, self.mean.tolist(), self.m2.tolist(), self.clip)
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        mean = np.asarray(state["mean"], dtype=np.float64)
-        if mean.shape != (self.dim,):
-            raise ValueError(f"normalizer state has dim {mean.shape}, expected {self.dim}")
-        self.count = float(state["count"])  # type: ignore[arg-type]
-        self.mean = mean
-        self.m2 = np.asarray(state["m2"], dtype=np.float64)
-        self.clip = float(state["clip"])  # type: ignore[arg-type]
+    def load_state(self, state: NormalizerState) -> None:
+        if len(state.mean) != self.dim or len(state.m2) != self.dim:
+            raise ValueError(f"normalizer state has dim {len(state.mean)}, expected {self.dim}")
+        self.count = state.count
+        self.mean = np.asarray(state.mean, dtype=np.float64)
+        self.m2 = np.asarray(state.m2, dtype=np.float64)
+        self.clip = state.clip
+
+
+class NormalizerState(msgspec.Struct, forbid_unknown_fields=True):
+    """A RunningNormalizer's statistics (Chan et al.'s count, mean and sum of squared deviations)."""
+
+    count: float
+    mean: list[float]
+    m2: list[float]
+    clip: float

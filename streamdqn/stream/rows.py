@@ -117,3 +117,127 @@ def relabel_rewards(
     ignore = step_reward * geometric + last
     out[:, IGNORE] = np.where(from_table, ignore, out[:, IGNORE])
     return out.astype(np.float32), rows.known.copy()
+
+
+class StepTable(NamedTuple):
+    """Steps of several episodes, each episode's steps contiguous and in step order: what rows are
+    built from. Labels are resolved per step by the caller (a verdict, else the inline label)."""
+
+    features: np.ndarray  # float32 [M, 30]
+    group: np.ndarray  # int64 [M]: the step's episode, 0..G-1, non-decreasing
+    malicious: np.ndarray  # int8 [M]: -1 while the episode's label is unknown
+    severity: np.ndarray  # float32 [M]
+    final: np.ndarray  # bool [M]: the event said final
+    action: np.ndarray  # int8 [M]: the logged action, -1 none
+    action_prob: np.ndarray  # float32 [M]
+    reward: np.ndarray  # float64 [M]: the logged reward, NaN none
+    shadow: np.ndarray  # bool [M]
+
+
+class BuiltRows(NamedTuple):
+    rows: ReplayRows
+    emitted: np.ndarray  # bool [M]: the steps whose rows are in `rows` (the others must wait)
+    logged_reward: np.ndarray  # float64 [M]: each emitted step's one-step reward of what the sandbox did
+
+
+def build_rows(
+    table: StepTable,
+    ended: np.ndarray,
+    episodes: np.ndarray,
+    *,
+    rewards: RewardTable,
+    gamma: float,
+    n_steps: int = 1,
+    reward_clip: float = 10.0,
+) -> BuiltRows:
+    """The rows of every step whose targets are all known now.
+
+    ended: bool [G], the episode is over (its last step here counts as its final one);
+    episodes: int64 [G], episode_hash of each episode. A step waits (emitted False) while its label is
+    unknown or its ignore window reaches past the last step seen of an episode that is not over.
+    A logged response that was carried out (not shadow) ends the episode: at that step ignore is
+    unknown (unless it was also the final step); earlier windows bootstrap from it.
+    """
+    m = len(table.group)
+    if m == 0:
+        return BuiltRows(ReplayRows.empty(), np.zeros(0, bool), np.zeros(0))
+    group = table.group
+    idx = np.arange(m)
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    group_end = np.append(starts[1:], m)
+    end = group_end[np.searchsorted(starts, idx, side="right") - 1]  # exclusive end of each step's episode
+    last = idx == end - 1
+    final = table.final | (last & ended[group])
+    labelled = table.malicious >= 0
+    mal = table.malicious == 1
+    sev = table.severity.astype(np.float64)
+
+    one_step = np.empty((m, N_ACTIONS))
+    for action in range(N_ACTIONS):
+        one_step[:, action] = rewards.rewards(np.full(m, action), mal, sev, final)
+    table_mask = np.full(m, (1 << N_ACTIONS) - 1, dtype=np.uint8)
+    logged = np.where(table.action >= 0, table.action, IGNORE).astype(np.int64)
+    override = ~np.isnan(table.reward)
+    if override.any():
+        rows_o = np.flatnonzero(override)
+        one_step[rows_o, logged[rows_o]] = np.clip(table.reward[rows_o], -reward_clip, reward_clip)
+        table_mask[rows_o] &= ~(1 << logged[rows_o]).astype(np.uint8)
+    censored = (table.action >= 1) & ~table.shadow
+    ignore_known = labelled & ~(censored & ~final)
+
+    # The ignore window of each step: sum gamma^k r_ignore over k < n_steps, stopping at the final step
+    # (terminal), before a step whose ignore is unknown (bootstrap from it), or at n_steps (bootstrap).
+    total = np.zeros(m)
+    steps = np.zeros(m, np.int64)
+    horizon = np.zeros(m, np.int64)
+    nxt = idx.copy()
+    window_final = np.zeros(m, bool)
+    window_table = ignore_known.copy()
+    open_ = ignore_known.copy()  # still summing
+    complete = labelled.copy()
+    for k in range(n_steps):
+        j = np.minimum(idx + k, m - 1)
+        inside = open_ & (idx + k < end)
+        beyond = open_ & ~inside  # the window needs a step not seen yet
+        complete &= ~beyond
+        open_ &= inside
+        stop_before = open_ & (k > 0) & ~ignore_known[j]
+        horizon[stop_before], nxt[stop_before] = k, j[stop_before]
+        open_ &= ~stop_before
+        total[open_] += gamma**k * one_step[j[open_], IGNORE]
+        steps[open_] = k + 1
+        window_table[open_] &= (table_mask[j[open_]] & 1) == 1
+        terminal = open_ & final[j]
+        window_final |= terminal
+        open_ &= ~terminal
+    # A window that summed n_steps rewards bootstraps from the step after them, if it has been seen.
+    after = idx + n_steps
+    seen = after < end
+    horizon[open_ & seen], nxt[open_ & seen] = n_steps, after[open_ & seen]
+    complete &= ~(open_ & ~seen)
+
+    emitted = complete & labelled
+    rows_i = np.flatnonzero(emitted)
+    values = one_step[rows_i].copy()
+    values[:, IGNORE] = total[rows_i]
+    known = np.ones((len(rows_i), N_ACTIONS), bool)
+    known[:, IGNORE] = ignore_known[rows_i]
+    mask = table_mask[rows_i] & ~np.uint8(1)
+    mask |= (window_table[rows_i] & ignore_known[rows_i]).astype(np.uint8)
+    rows = ReplayRows(
+        states=table.features[rows_i].astype(np.float32, copy=False),
+        rewards=values.astype(np.float32),
+        known=known,
+        next_states=table.features[nxt[rows_i]].astype(np.float32, copy=False),
+        horizon=horizon[rows_i].astype(np.int8),
+        logged_action=table.action[rows_i].astype(np.int8),
+        action_prob=table.action_prob[rows_i].astype(np.float32),
+        episode=episodes[group[rows_i]].astype(np.int64),
+        malicious=mal[rows_i],
+        severity=table.severity[rows_i].astype(np.float32),
+        ignore_steps=steps[rows_i].astype(np.int8),
+        window_final=window_final[rows_i],
+        table_mask=mask.astype(np.uint8),
+    )
+    logged_reward = np.where(emitted, one_step[idx, logged], 0.0)
+    return BuiltRows(rows, emitted, logged_reward)

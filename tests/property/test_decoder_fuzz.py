@@ -18,7 +18,10 @@ from streamdqn.stream.wire import (
     REASON_TOO_MANY,
     REASON_VALIDATION,
     Decoded,
+    EventColumns,
+    columns_of,
     decode,
+    decode_batch,
     raw_matrix,
 )
 from tests.factories import valid_event_dicts
@@ -100,3 +103,29 @@ def test_structured_and_truncated_messages_never_raise(
         payload = payload[: data.draw(st.integers(0, max(0, len(payload) - 1)))]
     content_type = f"application/{fmt}" if with_content_type else None
     _check(decode(payload, content_type, max_bytes=MAX_BYTES, max_events=MAX_EVENTS), payload)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.one_of(st.binary(max_size=512), _messages), st.sampled_from(["json", "msgpack"]),
+                          st.booleans()), max_size=8))
+def test_the_batch_fast_path_never_raises_and_accounts_for_every_record(
+    records: list[tuple[object, str, bool]]
+) -> None:
+    values, types = [], []
+    for message, fmt, with_content_type in records:
+        payload = message if isinstance(message, bytes) else _encode(message, fmt)
+        values.append(payload if payload is not None else b"\x00")
+        types.append(f"application/{fmt}" if with_content_type else None)
+    batch = decode_batch(values, types, max_bytes=MAX_BYTES, max_events=MAX_EVENTS)
+    assert np.all(np.diff(batch.origin) >= 0) and len(batch.origin) == len(batch.events)
+    for r, value in enumerate(values):  # each record: exactly what decoding it alone gives
+        alone = decode(value, types[r], max_bytes=MAX_BYTES, max_events=MAX_EVENTS)
+        mine = batch.origin == r
+        assert batch.position[mine].tolist() == alone.indices
+        assert batch.rejects.get(r, []) == alone.rejects
+        assert _same(batch.events.take(np.flatnonzero(mine)), columns_of(alone.events))
+
+
+def _same(a: EventColumns, b: EventColumns) -> bool:
+    return all(np.array_equal(x, y, equal_nan=True) if isinstance(x, np.ndarray) else x == y
+               for x, y in zip(a, b, strict=True))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from streamdqn.stream.episodes import EpisodeTracker
 from streamdqn.stream.features import FEATURE_DIM, featurize, featurize_episode, new_carry
-from streamdqn.stream.wire import TelemetryEvent, raw_matrix
+from streamdqn.stream.wire import TelemetryEvent, columns_of, raw_matrix
 from tests.factories import activity, make_event, severity
 
 PROPS = settings(max_examples=100, deadline=None)
@@ -83,12 +83,12 @@ def test_interleaved_episodes_observed_by_the_tracker_equal_each_alone(
     for k in order:
         stream.append(queues[k][positions[k]])
         positions[k] += 1
-    observed, _ = EpisodeTracker().observe(stream, now=0.0)
+    observed = EpisodeTracker().observe(columns_of(stream), np.zeros(len(stream), np.int64), now=0.0)
     assert observed.rejects == []
-    slot = {episode.key: g for g, episode in enumerate(observed.episodes)}
+    assert observed.accepted.tolist() == list(range(len(stream)))
     for k, queue in enumerate(queues):
-        mine = np.flatnonzero(observed.group == slot[(f"sb{k}", str(k))])
-        assert [observed.events[i] for i in mine] == queue
+        mine = [i for i, e in enumerate(stream) if e.sandbox_id == f"sb{k}"]
+        assert [stream[i] for i in mine] == queue
         raw, step = raw_matrix(queue), np.array([e.step for e in queue], dtype=np.float64)
         np.testing.assert_array_equal(observed.features[mine], featurize_episode(raw, step))
 
@@ -128,7 +128,7 @@ def test_labels_severity_and_logged_fields_never_affect_features(
         return out
 
     def features(evs: list[TelemetryEvent]) -> np.ndarray:
-        observed, _ = EpisodeTracker().observe(evs, now=0.0)
+        observed = EpisodeTracker().observe(columns_of(evs), np.zeros(len(evs), np.int64), now=0.0)
         return observed.features
 
     np.testing.assert_array_equal(features(events(True)), features(events(False)))
