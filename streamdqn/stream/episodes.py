@@ -74,7 +74,9 @@ class Steps(NamedTuple):
         return Steps(np.zeros((0, FEATURE_DIM), np.float32), np.zeros(0, bool), np.zeros(0, np.int8),
                      np.zeros(0, np.float32), np.zeros(0), np.zeros(0, bool))
 
-    def __len__(self) -> int:
+    @property
+    def size(self) -> int:
+        """How many steps (len() stays the tuple's field count, as for any NamedTuple)."""
         return len(self.final)
 
     def take(self, index: np.ndarray) -> Steps:
@@ -82,7 +84,7 @@ class Steps(NamedTuple):
 
     @staticmethod
     def concat(parts: Sequence[Steps]) -> Steps:
-        parts = [p for p in parts if len(p)]
+        parts = [p for p in parts if p.size]
         if not parts:
             return Steps.empty()
         return parts[0] if len(parts) == 1 else Steps(*(np.concatenate(c) for c in zip(*parts, strict=True)))
@@ -105,6 +107,7 @@ class Episode:
     verdict: Label | None = None
     censored: bool = False  # a carried-out logged response ended what can be learned
     logged_return: float = 0.0
+    rows: int = 0  # rows built so far
 
     @property
     def label(self) -> Label | None:
@@ -144,6 +147,7 @@ class Observation(NamedTuple):
     features: np.ndarray  # float32 [len(accepted), 30]
     rejects: list[tuple[int, Reject]]  # (event position, reject); Reject.index is unused (-1)
     emitted: Emitted
+    keys: list[Key]  # the episodes the batch had events of
 
 
 class EpisodeTracker:
@@ -181,10 +185,10 @@ class EpisodeTracker:
 
     # ------------------------------------------------------------------ a batch
     def observe(self, events: EventColumns, partitions: np.ndarray, now: float) -> Observation:
-        n = len(events)
+        n = events.size
         emitted = Emitted()
         if n == 0:
-            return Observation(np.zeros(0, np.int64), np.zeros((0, FEATURE_DIM), np.float32), [], emitted)
+            return Observation(np.zeros(0, np.int64), np.zeros((0, FEATURE_DIM), np.float32), [], emitted, [])
         keys = list(zip(events.sandbox_id, map(str, events.episode_id), strict=True))
         slot_of: dict[Key, int] = {}
         slot = np.fromiter((slot_of.setdefault(k, len(slot_of)) for k in keys), np.int64, n)
@@ -241,7 +245,7 @@ class EpisodeTracker:
             if episode is not None and episode.key in self._open:
                 emitted.merge(self._close(episode))
         restore = np.argsort(accepted, kind="stable")
-        return Observation(accepted[restore], features[restore], rejects, emitted)
+        return Observation(accepted[restore], features[restore], rejects, emitted, list(slot_of))
 
     def _resolve(
         self, keys: list[Key], first: np.ndarray, events: EventColumns, partitions: np.ndarray,
@@ -249,7 +253,7 @@ class EpisodeTracker:
     ) -> tuple[list[Episode | None], np.ndarray, np.ndarray]:
         """Each key's episode (None: already ended), and where each one's accepted events end."""
         u = len(keys)
-        n = len(events)
+        n = events.size
         episodes: list[Episode | None] = [None] * u
         closed = np.zeros(u, bool)
         end = np.full(u, n)
@@ -273,7 +277,7 @@ class EpisodeTracker:
                 position = int(first[i])
                 episode = self._open[key] = Episode(
                     key, events.episode_id[position], int(partitions[position]), episode_hash(*key),
-                    holdout=self._is_holdout(key),
+                    holdout=self.is_holdout(key),
                 )
                 self._current[key[0]] = key
             episodes[i] = episode
@@ -334,11 +338,11 @@ class EpisodeTracker:
         """Build the rows of every waiting step whose targets are known (episodes in `ended` are over)."""
         emitted = Emitted()
         ready = [e for e in episodes
-                 if e is not None and not e.holdout and len(e.waiting) and e.label is not None]
+                 if e is not None and not e.holdout and e.waiting.size and e.label is not None]
         if not ready:
             return emitted
         blocks = [e.waiting for e in ready]
-        lengths = np.array([len(b) for b in blocks])
+        lengths = np.array([b.size for b in blocks])
         table_steps = Steps.concat(blocks)
         group = np.repeat(np.arange(len(ready)), lengths)
         labels = [e.label for e in ready if e.label is not None]
@@ -357,6 +361,7 @@ class EpisodeTracker:
             lo, hi = offsets[g], offsets[g + 1]
             done = built.emitted[lo:hi]
             episode.logged_return += float(built.logged_reward[lo:hi][done].sum())
+            episode.rows += int(done.sum())
             episode.waiting = episode.waiting.take(np.flatnonzero(~done))
         return emitted
 
@@ -424,7 +429,7 @@ class EpisodeTracker:
             self._forget(episode)
         return len(doomed)
 
-    def _is_holdout(self, key: Key) -> bool:
+    def is_holdout(self, key: Key) -> bool:
         # A stable hash: the same episode is held out before and after a restart.
         if self.holdout_fraction <= 0:
             return False
@@ -443,7 +448,7 @@ class EpisodeTracker:
         self._open = {}
         for s in state.episodes:
             e = _episode_of(s, now)
-            e.holdout = self._is_holdout(e.key)
+            e.holdout = self.is_holdout(e.key)
             self._open[e.key] = e
         self._current = {s: (k0, k1) for s, k0, k1 in state.current}
         self._closed = OrderedDict(((k0, k1), None) for k0, k1 in state.closed)
@@ -504,6 +509,7 @@ class EpisodeState(msgspec.Struct):
     verdict: LabelState | None
     censored: bool
     logged_return: float
+    rows: int
 
 
 class HeldOutState(msgspec.Struct, array_like=True):
@@ -535,7 +541,7 @@ def _episode_state(e: Episode) -> EpisodeState:
     return EpisodeState(
         e.key[0], e.key[1], e.episode_id, e.partition, _array(e.carry), e.last_step, e.last_event_time,
         [_array(c) for c in e.waiting], [[_array(c) for c in s] for s in e.kept], _label_state(e.inline),
-        _label_state(e.verdict), e.censored, e.logged_return,
+        _label_state(e.verdict), e.censored, e.logged_return, e.rows,
     )
 
 
@@ -546,7 +552,7 @@ def _episode_of(s: EpisodeState, now: float) -> Episode:
         last_step=s.last_step, last_seen=now, last_event_time=s.last_event_time,
         waiting=Steps(*(_numpy(c) for c in s.waiting)), kept=[Steps(*(_numpy(c) for c in k)) for k in s.kept],
         inline=_label_of(s.inline), verdict=_label_of(s.verdict), censored=s.censored,
-        logged_return=s.logged_return,
+        logged_return=s.logged_return, rows=s.rows,
     )
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from streamdqn.stream.episodes import Emitted, EpisodeTracker, Finished, TrackerState
 from streamdqn.stream.features import NormalizerState, RunningNormalizer
+from streamdqn.stream.join import JoinState, VerdictJoin, decode_verdicts
 from streamdqn.stream.rows import ReplayRows
 from streamdqn.stream.sources import DeadLetter, Record
 from streamdqn.stream.wire import EventColumns, Reject, decode_batch
@@ -33,7 +34,9 @@ class Counters(msgspec.Struct):
     dead_lettered: int = 0
     transitions: int = 0  # replay rows pushed
     episodes: int = 0  # episodes over and labelled (held-out ones included)
-    unlabelled_expired: int = 0  # episodes over that no label ever reached
+    unlabelled_expired: int = 0  # episodes over that no label ever reached (without a verdicts topic)
+    verdict_records: int = 0
+    verdicts_rejected: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class PipelineState(msgspec.Struct):
     tracker: TrackerState
     normalizer: NormalizerState
     counters: Counters
+    join: JoinState | None = None
 
 
 @dataclass
@@ -94,20 +98,51 @@ class IngestPipeline:
     options: PipelineOptions = field(default_factory=PipelineOptions)
     rate_limiter: RateLimiter | None = None
     counters: Counters = field(default_factory=Counters)
+    # With a verdicts topic: records of that topic are verdicts, joined to their episodes.
+    join: VerdictJoin | None = None
+    verdicts_topic: str = ""
     # Finished episodes since the last take_finished() (the daemon's history and metrics read them).
     _finished: list[Finished] = field(default_factory=list)
 
     def process(self, records: Sequence[Record], now: float | None = None) -> BatchOutcome:
         now = time.monotonic() if now is None else now
-        o = self.options
         next_offsets: dict[int, int] = {}
         for record in records:
             next_offsets[record.partition] = max(next_offsets.get(record.partition, 0), record.offset + 1)
+        if self.join is not None and any(r.topic == self.verdicts_topic for r in records):
+            telemetry = [i for i, r in enumerate(records) if r.topic != self.verdicts_topic]
+            verdicts = [i for i, r in enumerate(records) if r.topic == self.verdicts_topic]
+        else:
+            telemetry, verdicts = list(range(len(records))), []
+        events, transitions, problems, finished = self._telemetry([records[i] for i in telemetry], now)
+        problems = {telemetry[r]: rejects for r, rejects in problems.items()}
+        if verdicts:
+            more, verdict_problems, verdict_finished = self._verdicts([records[i] for i in verdicts])
+            transitions += more
+            finished += verdict_finished
+            problems.update({verdicts[r]: rejects for r, rejects in verdict_problems.items()})
+        rejected: Counter[str] = Counter()
+        letters = []
+        for r_index, rejects in sorted(problems.items()):
+            for reject in rejects:
+                rejected[reject.reason] += 1
+            detail = "; ".join(f"[{r.index}] {r.detail}" if r.index >= 0 else r.detail for r in rejects)
+            letters.append(DeadLetter(records[r_index], rejects[0].reason, detail[:2000]))
+        self.counters.records += len(records)
+        return BatchOutcome(events, transitions, rejected, letters, next_offsets, finished,
+                            dict(sorted(problems.items())))
+
+    def _telemetry(
+        self, records: Sequence[Record], now: float
+    ) -> tuple[int, int, dict[int, list[Reject]], list[Finished]]:
+        if not records:
+            return 0, 0, {}, []
+        o = self.options
         decoded = decode_batch([r.value for r in records], [content_type(r) for r in records],
                                max_bytes=o.max_message_bytes, max_events=o.max_events_per_message)
         problems = decoded.rejects
         events, origin, position = decoded.events, decoded.origin, decoded.position
-        if self.rate_limiter is not None and len(events):
+        if self.rate_limiter is not None and events.size:
             keep = self._rate_limit(records, events, origin, position, problems, now)
             if not keep.all():
                 index = np.flatnonzero(keep)
@@ -118,40 +153,75 @@ class IngestPipeline:
         for i, reject in observed.rejects:
             problems.setdefault(int(origin[i]), []).append(reject._replace(index=int(position[i])))
         self.normalizer.update(observed.features)
-        transitions = self._account(observed.emitted)
-
-        rejected: Counter[str] = Counter()
-        letters = []
-        for r_index, rejects in sorted(problems.items()):
-            for reject in rejects:
-                rejected[reject.reason] += 1
-            detail = "; ".join(f"[{r.index}] {r.detail}" if r.index >= 0 else r.detail for r in rejects)
-            letters.append(DeadLetter(records[r_index], rejects[0].reason, detail[:2000]))
+        emitted = observed.emitted
+        transitions = self._account(emitted)  # pushed before the join may relabel them
+        finished = list(emitted.finished)
+        if self.join is not None:
+            stamps = events.timestamp[observed.accepted].tolist()
+            joined = self.join.after_observe(emitted.unlabelled, observed.keys, stamps)
+            transitions += self._account(joined)
+            finished += joined.finished
         c = self.counters
         c.events_consumed += len(observed.accepted)
-        c.records += len(records)
-        for reason, count in rejected.items():
-            c.rejected[reason] = c.rejected.get(reason, 0) + count
-        return BatchOutcome(len(observed.accepted), transitions, rejected, letters, next_offsets,
-                            observed.emitted.finished, problems)
+        for rejects in problems.values():
+            for reject in rejects:
+                c.rejected[reject.reason] = c.rejected.get(reject.reason, 0) + 1
+        return len(observed.accepted), transitions, problems, finished
+
+    def _verdicts(self, records: Sequence[Record]) -> tuple[int, dict[int, list[Reject]], list[Finished]]:
+        assert self.join is not None
+        o = self.options
+        problems: dict[int, list[Reject]] = {}
+        transitions = 0
+        finished: list[Finished] = []
+        for r, record in enumerate(records):
+            verdicts, rejects = decode_verdicts(
+                record.value, content_type(record), max_bytes=o.max_message_bytes,
+                max_events=o.max_events_per_message,
+            )
+            if rejects:
+                problems[r] = rejects
+            for _, verdict in verdicts:
+                emitted = self.join.add(verdict)
+                transitions += self._account(emitted)  # pushed before the next verdict may relabel them
+                finished += emitted.finished
+        c = self.counters
+        c.verdict_records += len(records)
+        for rejects in problems.values():
+            for reject in rejects:
+                c.verdicts_rejected[reject.reason] = c.verdicts_rejected.get(reject.reason, 0) + 1
+        return transitions, problems, finished
 
     def expire(self, now: float) -> int:
-        """Close episodes idle past the tracker's timeout; returns the rows this pushed."""
-        return self._account(self.tracker.expire(now))
+        """Close episodes idle past the tracker's timeout, and let the join drop what waited too long;
+        returns the rows this pushed."""
+        emitted = self.tracker.expire(now)
+        rows = self._account(emitted)
+        if self.join is not None:
+            rows += self._account(self.join.after_observe(emitted.unlabelled, [], []))
+            self.join.expire()
+        return rows
 
     def close_all(self) -> int:
         """End every open episode (a file read to its end); returns the rows this pushed."""
-        return self._account(self.tracker.close_all())
+        emitted = self.tracker.close_all()
+        rows = self._account(emitted)
+        if self.join is not None:
+            rows += self._account(self.join.after_observe(emitted.unlabelled, [], []))
+        return rows
 
     def _account(self, emitted: Emitted) -> int:
         rows = emitted.all_rows
-        if len(rows):
+        if rows.size:
             self.push(rows)
-        self.counters.transitions += len(rows)
+        self.counters.transitions += rows.size
         self.counters.episodes += len(emitted.finished)
-        self.counters.unlabelled_expired += len(emitted.unlabelled)
+        if self.join is None:
+            self.counters.unlabelled_expired += len(emitted.unlabelled)
+        else:
+            self.join.count_finished(emitted.finished)
         self._finished += emitted.finished
-        return len(rows)
+        return rows.size
 
     def take_finished(self) -> list[Finished]:
         """The episodes finished since the last call."""
@@ -164,7 +234,7 @@ class IngestPipeline:
     ) -> np.ndarray:
         """Cap each source's events; a record's events past its source's budget are rejected."""
         assert self.rate_limiter is not None
-        keep = np.ones(len(events), bool)
+        keep = np.ones(events.size, bool)
         starts = np.flatnonzero(np.r_[True, origin[1:] != origin[:-1]])
         ends = np.append(starts[1:], len(origin))
         for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
@@ -193,13 +263,17 @@ class IngestPipeline:
         return self.tracker.drop_partitions(partitions)
 
     def state(self) -> PipelineState:
-        return PipelineState(self.tracker.state(), self.normalizer.state(), msgspec.structs.replace(
-            self.counters, rejected=dict(self.counters.rejected)))
+        counters = msgspec.structs.replace(self.counters, rejected=dict(self.counters.rejected),
+                                           verdicts_rejected=dict(self.counters.verdicts_rejected))
+        join = self.join.state() if self.join is not None else None
+        return PipelineState(self.tracker.state(), self.normalizer.state(), counters, join)
 
     def load_state(self, state: PipelineState, now: float) -> None:
         self.tracker.load_state(state.tracker, now)
         self.normalizer.load_state(state.normalizer)
         self.counters = state.counters
+        if self.join is not None and state.join is not None:
+            self.join.load_state(state.join, now)
 
 
 def encode_state(state: PipelineState) -> bytes:

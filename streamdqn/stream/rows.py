@@ -56,7 +56,9 @@ class ReplayRows(NamedTuple):
     window_final: np.ndarray  # bool [N]: the last of them was the episode's final step
     table_mask: np.ndarray  # uint8 [N]: bit a set = rewards[:, a] came from the reward table
 
-    def __len__(self) -> int:
+    @property
+    def size(self) -> int:
+        """How many rows (len() stays the tuple's field count, as for any NamedTuple)."""
         return len(self.horizon)
 
     @staticmethod
@@ -72,7 +74,7 @@ class ReplayRows(NamedTuple):
 
     @staticmethod
     def concat(parts: list[ReplayRows]) -> ReplayRows:
-        parts = [p for p in parts if len(p)]
+        parts = [p for p in parts if p.size]
         if not parts:
             return ReplayRows.empty()
         if len(parts) == 1:
@@ -99,7 +101,7 @@ def relabel_rewards(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The rewards and known-mask of `rows` under another label; entries that did not come from the
     reward table (a logged reward) keep their value. Returns (rewards float32 [N,5], known bool [N,5])."""
-    n = len(rows)
+    n = rows.size
     out = rows.rewards.copy()
     mal = np.full(n, malicious)
     sev = np.full(n, severity)

@@ -332,7 +332,9 @@ class EventColumns(NamedTuple):
     episode_id: list[int | str]
     policy_version: list[str | None]
 
-    def __len__(self) -> int:
+    @property
+    def size(self) -> int:
+        """How many events (len() stays the tuple's field count, as for any NamedTuple)."""
         return len(self.step)
 
     def take(self, index: np.ndarray) -> EventColumns:

@@ -117,7 +117,7 @@ def test_the_batch_fast_path_never_raises_and_accounts_for_every_record(
         values.append(payload if payload is not None else b"\x00")
         types.append(f"application/{fmt}" if with_content_type else None)
     batch = decode_batch(values, types, max_bytes=MAX_BYTES, max_events=MAX_EVENTS)
-    assert np.all(np.diff(batch.origin) >= 0) and len(batch.origin) == len(batch.events)
+    assert np.all(np.diff(batch.origin) >= 0) and len(batch.origin) == batch.events.size
     for r, value in enumerate(values):  # each record: exactly what decoding it alone gives
         alone = decode(value, types[r], max_bytes=MAX_BYTES, max_events=MAX_EVENTS)
         mine = batch.origin == r

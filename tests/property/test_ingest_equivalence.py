@@ -180,7 +180,7 @@ def test_the_columnar_stage_equals_the_per_record_reference(stream: tuple[list[R
     assert set(got_rows) == set(want_rows)
     for h, want in want_rows.items():
         got = got_rows[h]
-        assert len(got) == len(want)
+        assert got.size == len(want)
         np.testing.assert_allclose(got.states, np.array([r["state"] for r in want]), rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(got.known, np.array([r["known"] for r in want]))
         np.testing.assert_array_equal(got.horizon, np.array([r["horizon"] for r in want]))

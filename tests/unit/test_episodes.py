@@ -113,7 +113,7 @@ def test_a_carried_out_logged_response_censors_the_episode() -> None:
     assert rows.known[1].tolist() == [False, True, True, True, True]
     assert rows.logged_action.tolist() == [-1, TERMINATE] and rows.action_prob[1] == pytest.approx(0.5)
     later, rejects = feed(tracker, [ev(1, 3, final=True)])
-    assert rejects == [] and len(later) == 0 and tracker.open_episodes == 0
+    assert rejects == [] and later.size == 0 and tracker.open_episodes == 0
 
 
 def test_a_shadow_decision_is_logged_but_the_episode_goes_on() -> None:
@@ -157,7 +157,7 @@ def test_an_n_step_window_stops_before_a_censoring_response() -> None:
 
 def test_a_window_that_needs_steps_not_seen_yet_waits_for_them() -> None:
     tracker = tracker_of(n_steps=3)
-    assert len(feed(tracker, [ev(1, 0), ev(1, 1), ev(1, 2)])[0]) == 0
+    assert feed(tracker, [ev(1, 0), ev(1, 1), ev(1, 2)])[0].size == 0
     rows, _ = feed(tracker, [ev(1, 3)])
     assert summary(rows) == [(0, 3, 3, round(-0.05 * (1 + GAMMA + GAMMA**2), 6))]
 
@@ -191,7 +191,7 @@ def test_idle_timeout_ends_the_episode_with_the_last_step_as_final(
 ) -> None:
     tracker = tracker_of(idle_timeout=10.0)
     feed(tracker, [ev(1, 0, is_malicious=malicious, severity=0.8 if malicious else 0.0)], now=100.0)
-    assert len(tracker.expire(110.0).all_rows) == 0 and tracker.open_episodes == 1
+    assert tracker.expire(110.0).all_rows.size == 0 and tracker.open_episodes == 1
     expired = tracker.expire(110.5)
     assert summary(expired.all_rows) == [(0, -1, 0, final_reward)]
     assert [f.label.malicious for f in expired.finished] == [malicious]
@@ -212,15 +212,15 @@ def test_events_of_a_closed_episode_are_rejected() -> None:
     feed(tracker, [ev(1, 0, final=True)])
     rows, rejects = feed(tracker, [ev(1, 1), ev("1", 2), ev(1, 0, sandbox="other")])
     assert rejects == [(0, REASON_EPISODE_CLOSED), (1, REASON_EPISODE_CLOSED)]  # 1 and "1": the same episode
-    assert len(rows) == 0 and tracker.open_episodes == 1  # another sandbox's episode 1 is another episode
+    assert rows.size == 0 and tracker.open_episodes == 1  # another sandbox's episode 1 is another episode
 
 
 def test_an_unlabelled_episode_waits_for_its_label_then_yields_its_rows() -> None:
     tracker = tracker_of()
     rows, _ = feed(tracker, [unlabelled(1, 0), unlabelled(1, 1)])
-    assert len(rows) == 0
+    assert rows.size == 0
     episode = tracker.episode(("sb", "1"))
-    assert episode is not None and len(episode.waiting) == 2
+    assert episode is not None and episode.waiting.size == 2
     emitted = tracker.label(episode, Label(False, 0.0, "verdict", 0), over=False)
     assert summary(emitted.all_rows) == [(0, 1, 1, 0.0)]
     rows, _ = feed(tracker, [unlabelled(1, 2, final=True)])
@@ -291,7 +291,7 @@ def test_the_held_out_window_survives_a_checkpoint() -> None:
     for episode in range(40):
         rows, _ = feed(original, [ev(episode, s, sandbox=f"s{episode}", final=s == 2,
                                      is_malicious=episode % 2 == 0) for s in range(3)])
-        pushed += len(rows)
+        pushed += rows.size
     assert len(original.holdout) == 4  # the most recent ones, up to holdout_keep
     assert 0 < pushed < 40 * 3  # held-out episodes are never learned from
     restored = tracker_of(holdout_fraction=0.5, holdout_keep=4)

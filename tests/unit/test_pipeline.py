@@ -57,7 +57,7 @@ def test_a_mixed_batch_is_accounted_for_record_by_record() -> None:
     assert letters[1].detail.startswith("[1] severity")  # the position inside its message, the field
     assert letters[4].reason == REASON_VALIDATION and "step" in letters[4].detail
     assert outcome.next_offsets == {0: 5, 1: 4}
-    assert sum(len(b) for b in pushed) == outcome.transitions == 2  # steps 0, 1 (step 2 waits for step 3)
+    assert sum(b.size for b in pushed) == outcome.transitions == 2  # steps 0, 1 (step 2 waits for step 3)
 
 
 def test_the_rate_cap_rejects_a_sources_excess_by_position() -> None:
