@@ -22,14 +22,19 @@ EXIT_USAGE = 2
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from streamdqn.offline.simulator import format_for_path, simulate, write_events
+    from streamdqn.offline.simulator import format_for_path, simulate, without_labels, write_events
 
     fmt = args.format or format_for_path(args.out)
-    count = write_events(args.out,
-                         simulate(args.episodes, args.seed, malicious_fraction=args.malicious_fraction,
-                                  sandboxes=args.sandboxes),
-                         fmt=fmt)
+    events = simulate(args.episodes, args.seed, malicious_fraction=args.malicious_fraction,
+                      sandboxes=args.sandboxes)
+    verdicts: list[dict[str, object]] = []
+    if args.verdicts_out:
+        events = without_labels(events, verdicts, delay_seconds=args.verdict_delay)
+    count = write_events(args.out, events, fmt=fmt)
     print(f"wrote {count} events of {args.episodes} episodes to {args.out} ({fmt})")
+    if args.verdicts_out:
+        write_events(args.verdicts_out, verdicts, fmt="jsonl")
+        print(f"wrote {len(verdicts)} verdicts to {args.verdicts_out} (the events carry no labels)")
     return 0
 
 
@@ -73,12 +78,14 @@ def _run(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import asyncio
 
-    from streamdqn.daemon.demo import run_demo
+    from streamdqn.daemon.demo import DemoOptions, run_demo
     from streamdqn.logs import configure_logging
 
     configure_logging(json_format=False, level="WARNING" if args.quiet else "INFO")
-    return asyncio.run(run_demo(args.duration, args.rate, args.state_dir, args.port, args.publish_interval,
-                                args.seed))
+    options = DemoOptions(args.duration, args.rate, args.state_dir, args.port, args.publish_interval,
+                          args.seed, args.inline_labels, (args.verdict_delay_min, args.verdict_delay_max),
+                          args.never_labelled)
+    return asyncio.run(run_demo(options))
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -145,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["jsonl", "json"], help="override the format implied by --out")
     p.add_argument("--malicious-fraction", type=float, default=0.5)
     p.add_argument("--sandboxes", type=int, default=8)
+    p.add_argument("--verdicts-out", type=Path, metavar="FILE",
+                   help="write telemetry without labels, and each episode's verdict to this JSON Lines file")
+    p.add_argument("--verdict-delay", type=float, default=60.0, metavar="S",
+                   help="verdict timestamp after the episode's last event (default 60 s)")
     p.set_defaults(func=_simulate)
 
     p = sub.add_parser("import", help="turn real API-call traces (MalBehavD-V1 CSV, CAPE/Cuckoo reports) "
@@ -204,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HTTP port for /metrics and /snapshots (0: any free)")
     p.add_argument("--publish-interval", type=float, default=15.0, help="seconds between snapshots")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inline-labels", action="store_true",
+                   help="label every event (a training farm) instead of sending verdicts afterwards")
+    p.add_argument("--verdict-delay-min", type=float, default=1.0, metavar="S",
+                   help="shortest delay from an episode's last event to its verdict (default 1 s)")
+    p.add_argument("--verdict-delay-max", type=float, default=5.0, metavar="S",
+                   help="longest delay (default 5 s)")
+    p.add_argument("--never-labelled", type=float, default=0.03, metavar="SHARE",
+                   help="share of episodes whose verdict never comes (default 0.03)")
     p.add_argument("--quiet", action="store_true", help="only warnings and the summary")
     p.set_defaults(func=_demo)
 
@@ -233,7 +252,7 @@ def _learner_fields() -> dict[str, FieldInfo]:
 
 
 def _offline_fields() -> dict[str, FieldInfo]:
-    from streamdqn.offline.train import OfflineOptions
+    from streamdqn.offline.options import OfflineOptions
 
     return dict(OfflineOptions.model_fields)
 

@@ -40,6 +40,9 @@ class KafkaSettings(Section):
     counted)."""
     snapshot_topic: str = "streamdqn-snapshots"
     """Topic on which each published snapshot is announced; empty disables."""
+    verdicts_topic: str = "sandbox-verdicts"
+    """Topic of verdicts that label episodes after the fact (keyed by sandbox_id, as many partitions as
+    the telemetry topic); empty disables, and then every event must carry its label."""
     client_id: str = "streamdqn"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
@@ -113,9 +116,11 @@ class LearnerConfig(LearnerSettings):
     mode: Literal["thread", "process"] = "process"
     """Where updates run: a thread shares the GIL with ingest; a process does not (see the README)."""
     updates_per_transition: Annotated[float, Field(ge=0)] = 0.25
-    """Replay ratio: updates per new transition; 0 means as fast as possible."""
-    max_lag_ratio: Annotated[float, Field(gt=1)] = 4.0
-    """Pause ingest when transitions outrun the ratio by this factor (backpressure)."""
+    """The learner's target replay ratio: updates per new replay row; 0 means as fast as possible. When
+    the learner cannot keep up, the achieved ratio falls and the stream is still consumed in full."""
+    min_samples_per_insert: Annotated[float, Field(ge=0)] = 0.0
+    """Pause fetching while the achieved samples per inserted row is below this (0: never pause; see the
+    README for what pausing trades)."""
     torch_threads: Annotated[int, Field(ge=0)] = 1
     """torch intra-op threads for the learner; 0 keeps torch's default. One is fastest on 2 cores."""
 
@@ -132,6 +137,13 @@ class EpisodeSettings(Section):
     """Normalized features are clipped to ±this (also a poisoning guard)."""
     reward_clip: Positive = 10.0
     """Precomputed rewards in events are clipped to ±this."""
+
+
+class VerdictSettings(Section):
+    wait_seconds: Positive = 86_400.0
+    """How long an unlabelled episode waits for its verdict, and a verdict for its episode (record time)."""
+    max_pending_episodes: Annotated[int, Field(ge=1)] = 100_000
+    """At most this many of each wait; the oldest expire first (counted)."""
 
 
 class IngestSettings(Section):
@@ -165,6 +177,7 @@ class Settings(BaseSettings):
     learner: LearnerConfig = LearnerConfig()
     replay: ReplaySettings = ReplaySettings()
     episodes: EpisodeSettings = EpisodeSettings()
+    verdicts: VerdictSettings = VerdictSettings()
     ingest: IngestSettings = IngestSettings()
     log: LogSettings = LogSettings()
 

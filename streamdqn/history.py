@@ -19,7 +19,7 @@ class HistoryPoint:
     updates: int
     episode_return: float  # mean return of the episodes finished since the previous point (nan: none)
     loss: float
-    epsilon: float
+    samples_per_insert: float  # achieved: sampled rows per inserted row, so far
     snapshot_version: int
 
 
@@ -41,6 +41,8 @@ def read_history(state_dir: Path) -> list[HistoryPoint]:
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             raw = json.loads(line)
+            raw.pop("epsilon", None)  # written before streamdqn 0.2 (there is no behaviour policy now)
+            raw.setdefault("samples_per_insert", math.nan)
             points.append(HistoryPoint(**{k: (math.nan if v is None else v) for k, v in raw.items()}))
         except (ValueError, TypeError):
             continue

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,13 +21,14 @@ from streamdqn.daemon.ingestor import Backpressure, Ingestor
 from streamdqn.daemon.publisher import Publisher
 from streamdqn.daemon.sdnotify import SystemdNotifier
 from streamdqn.daemon.server import HttpBinding, Server
+from streamdqn.daemon.state import DaemonState, offsets_for_log
 from streamdqn.daemon.watchdog import Watchdog
-from streamdqn.kafka.admin import ensure_topics
+from streamdqn.kafka.admin import ensure_copartitioned, ensure_topics
 from streamdqn.kafka.options import KafkaOptions
 from streamdqn.kafka.sink import KafkaSink
 from streamdqn.kafka.source import KafkaSource
 from streamdqn.learning.checkpoints import CheckpointStore, LoadedCheckpoint
-from streamdqn.learning.learner import ActingPolicy, DQNLearner, resolve_device
+from streamdqn.learning.learner import DQNLearner, resolve_device
 from streamdqn.learning.replay.buffer import ReplayBuffer
 from streamdqn.learning.runners import LearnerRunner, ProcessRunner, RunnerOptions, ThreadRunner
 from streamdqn.learning.settings import LearnerSettings
@@ -38,11 +38,13 @@ from streamdqn.serve.metrics import DaemonMetrics
 from streamdqn.snapshots.gate import PublishGate
 from streamdqn.snapshots.signing import load_signer
 from streamdqn.snapshots.store import SnapshotStore
-from streamdqn.stream.episodes import EpisodeTracker, TransitionBatch
+from streamdqn.stream.episodes import EpisodeTracker, Finished
 from streamdqn.stream.features import FEATURE_DIM, RunningNormalizer
+from streamdqn.stream.join import VerdictJoin
 from streamdqn.stream.pipeline import IngestPipeline, PipelineOptions, RateLimiter
 from streamdqn.stream.rewards import RewardTable
-from streamdqn.stream.sources import MemorySink, PartitionsCallback, RecordSink, RecordSource
+from streamdqn.stream.rows import relabel_rewards
+from streamdqn.stream.sources import MemorySink, Partition, PartitionsCallback, RecordSink, RecordSource
 from streamdqn.stream.wire import Action
 
 log = logging.getLogger("streamdqn.daemon")
@@ -52,7 +54,8 @@ def kafka_options(s: Settings) -> KafkaOptions:
     k = s.kafka
     return KafkaOptions(
         bootstrap_servers=k.bootstrap_servers, topic=k.topic, group_id=k.group_id, dlq_topic=k.dlq_topic,
-        snapshot_topic=k.snapshot_topic, client_id=k.client_id, security_protocol=k.security_protocol,
+        snapshot_topic=k.snapshot_topic, verdicts_topic=k.verdicts_topic, client_id=k.client_id,
+        security_protocol=k.security_protocol,
         sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_plain_username,
         sasl_plain_password=k.sasl_plain_password.get_secret_value(), ssl_cafile=k.ssl_cafile,
         ssl_certfile=k.ssl_certfile, ssl_keyfile=k.ssl_keyfile, max_poll_records=k.max_poll_records,
@@ -65,7 +68,7 @@ class KafkaClients:
     """The Kafka consumer and producer; the consumer seeks to `offsets` (the checkpoint's) on assignment."""
 
     options: KafkaOptions
-    offsets: dict[int, int]
+    offsets: dict[Partition, int]
     on_revoked: PartitionsCallback | None = None
     bootstrap_servers: str = field(init=False)
 
@@ -75,6 +78,8 @@ class KafkaClients:
     async def open(self) -> tuple[RecordSource, RecordSink]:
         o = self.options
         await ensure_topics(o, {o.dlq_topic: 1, o.snapshot_topic: 1})
+        if o.verdicts_topic:
+            await ensure_copartitioned(o, o.topic, o.verdicts_topic)
         sink = KafkaSink(o)
         await sink.start()
         source = KafkaSource(o, on_assigned=_log_assigned, on_revoked=self.on_revoked)
@@ -122,13 +127,10 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
     lock = ProcessRunner.make_lock() if process_mode else None
     replay = ReplayBuffer(s.replay.capacity, FEATURE_DIM, device, shared=process_mode, lock=lock)
     learner = DQNLearner(learning, FEATURE_DIM, len(Action), clip=s.episodes.feature_clip)
-    # The metrics are made last (their collector reads every component); until then the components
-    # get callbacks that reach them when called, which happens only once the daemon runs.
-    pipeline = _pipeline(s, learning, rewards, replay, lambda r: metrics.episode_return.observe(r))
-    offsets: dict[int, int] = {}
+    pipeline = _pipeline(s, rewards, replay)
+    offsets: dict[Partition, int] = {}
     if checkpoint is not None:
         _restore(checkpoint, learner, pipeline, replay, offsets)
-    pipeline.policy.load_weights(learner.online.state_dict(), -1)
     n = pipeline.normalizer
     learner.set_normalization(n.mean, n.std, n.clip)
     runner = _runner(s, learning, learner, replay, lock, process_mode)
@@ -142,10 +144,11 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
         clients = KafkaClients(kafka_options(s), offsets)
     ingestor = Ingestor(
         pipeline, clients, runner,
-        Backpressure(s.learner.updates_per_transition, s.learner.max_lag_ratio, s.replay.min_size),
+        Backpressure(s.learner.min_samples_per_insert, learning.batch_size, s.replay.min_size),
         replay.__len__, offsets=offsets, poll_timeout_ms=s.kafka.poll_timeout_ms,
         broker_retry_max_seconds=s.lifecycle.broker_retry_max_seconds, topic=s.kafka.topic,
         observe_batch_seconds=lambda t: metrics.ingest_batch_seconds.observe(t),
+        observe_verdict_delay=lambda t: metrics.verdict_delay_seconds.observe(t),
     )
     snapshots = SnapshotStore(state_dir / "snapshots", keep=s.publish.keep)
     publisher = Publisher(
@@ -157,7 +160,7 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
     )
     checkpointer = Checkpointer(
         checkpoints, ingestor, runner, replay, interval_seconds=s.checkpoint.interval_seconds,
-        include_replay=s.checkpoint.include_replay, history_dir=state_dir,
+        include_replay=s.checkpoint.include_replay, history_dir=state_dir, batch_size=learning.batch_size,
         snapshot_version=lambda: publisher.state.version,
         observe_seconds=lambda t: metrics.checkpoint_seconds.observe(t),
     )
@@ -165,9 +168,16 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
     watchdog = Watchdog(runner, ingestor, notifier,
                         progress_timeout_seconds=s.lifecycle.progress_timeout_seconds)
     health = HealthView(ingestor, runner, replay, publisher, checkpointer, watchdog,
-                        batch_size=learning.batch_size, device=str(device),
+                        batch_size=learning.batch_size,
+                        updates_per_transition=s.learner.updates_per_transition, device=str(device),
                         publish_interval_seconds=s.publish.interval_seconds)
     metrics = DaemonMetrics(health.metrics)
+
+    def observe_return(finished: Finished) -> None:
+        if not finished.holdout:
+            metrics.episode_return.observe(finished.logged_return)
+
+    pipeline.on_finished = observe_return
 
     async def on_revoked(partitions: set[int]) -> None:
         dropped = await ingestor.drop_partitions(partitions)
@@ -198,42 +208,48 @@ def base_url(s: Settings, port: int | None) -> str:
     return s.http.public_url or f"http://{s.http.host}:{port}"
 
 
-def _pipeline(
-    s: Settings, learning: LearnerSettings, rewards: RewardTable, replay: ReplayBuffer,
-    observe_return: Callable[[float], None],
-) -> IngestPipeline:
-    def push(batch: TransitionBatch) -> None:
-        replay.push(batch.states, batch.actions, batch.rewards, batch.next_states, batch.dones)
-        for r in batch.episode_returns:
-            observe_return(r)
-
-    tracker = EpisodeTracker(rewards, idle_timeout=s.episodes.idle_timeout_seconds,
-                             reward_clip=s.episodes.reward_clip,
+def _pipeline(s: Settings, rewards: RewardTable, replay: ReplayBuffer) -> IngestPipeline:
+    gamma = s.learner.gamma
+    tracker = EpisodeTracker(rewards, gamma=gamma, n_steps=s.learner.n_steps,
+                             idle_timeout=s.episodes.idle_timeout_seconds, reward_clip=s.episodes.reward_clip,
                              holdout_fraction=s.publish.gate_holdout_fraction if s.publish.gate else 0.0,
                              holdout_keep=s.publish.gate_episodes)
+
+    def relabel(episode: int, malicious: bool, severity: float) -> int:
+        """A revised (or overriding) verdict: recompute the episode's rows still in replay, in place."""
+        index = replay.find_episode(episode)
+        if len(index) == 0:
+            return 0
+        values, known = relabel_rewards(replay.read(index), malicious, severity, rewards, gamma)
+        replay.write_rewards(index, values, known)
+        return len(index)
+
+    join = None
+    if s.kafka.verdicts_topic:
+        join = VerdictJoin(tracker, relabel, wait_seconds=s.verdicts.wait_seconds,
+                           max_pending=s.verdicts.max_pending_episodes)
     limiter = None
     if s.ingest.rate_limit_events_per_second > 0:
         limiter = RateLimiter(s.ingest.rate_limit_events_per_second, s.ingest.rate_limit_burst)
-    policy = ActingPolicy(learning, FEATURE_DIM, len(Action), clip=s.episodes.feature_clip)
     return IngestPipeline(
-        tracker, RunningNormalizer(FEATURE_DIM, clip=s.episodes.feature_clip), policy, push,
+        tracker, RunningNormalizer(FEATURE_DIM, clip=s.episodes.feature_clip), replay.push,
         PipelineOptions(s.ingest.max_message_bytes, s.ingest.max_events_per_message,
                         s.kafka.rate_limit_key, s.kafka.rate_limit_header),
-        limiter,
+        limiter, join=join, verdicts_topic=s.kafka.verdicts_topic,
     )
 
 
 def _restore(
     checkpoint: LoadedCheckpoint, learner: DQNLearner, pipeline: IngestPipeline, replay: ReplayBuffer,
-    offsets: dict[int, int],
+    offsets: dict[Partition, int],
 ) -> None:
-    state = checkpoint.state
-    learner.load_state_dict(state["learner"])
-    pipeline.load_state_dict(state["pipeline"], time.monotonic())
-    if "replay" in state:
-        replay.load_state_dict(state["replay"])
-    offsets.update({int(p): int(o) for p, o in state["offsets"].items()})
-    log_event("checkpoint restored", path=str(checkpoint.path), offsets=offsets,
+    state = DaemonState.from_checkpoint(checkpoint.state, str(checkpoint.path))
+    learner.load_state_dict(state.learner)
+    pipeline.load_state(state.stream, time.monotonic())
+    if state.replay is not None:
+        replay.load_state_dict(state.replay)
+    offsets.update(state.offsets)
+    log_event("checkpoint restored", path=str(checkpoint.path), offsets=offsets_for_log(offsets),
               events_consumed=pipeline.counters.events_consumed, updates=learner.counters.updates)
 
 

@@ -12,9 +12,9 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from streamdqn.daemon.ingestor import Ingestor
+from streamdqn.daemon.state import DaemonState, offsets_for_log
 from streamdqn.history import HistoryPoint, append_history
 from streamdqn.learning.checkpoints import CheckpointStore
 from streamdqn.learning.replay.buffer import ReplayBuffer
@@ -33,6 +33,7 @@ class Checkpointer:
         interval_seconds: float,
         include_replay: bool,
         history_dir: Path,
+        batch_size: int,
         snapshot_version: Callable[[], int],
         observe_seconds: Callable[[float], None] = lambda s: None,
     ) -> None:
@@ -43,6 +44,7 @@ class Checkpointer:
         self.interval_seconds = interval_seconds
         self.include_replay = include_replay
         self.history_dir = history_dir
+        self.batch_size = batch_size
         self.snapshot_version = snapshot_version
         self.observe_seconds = observe_seconds
         self.failures = 0
@@ -60,36 +62,33 @@ class Checkpointer:
                 if self.ingestor.resume_from_last_checkpoint:
                     return False  # the state holds a batch whose offsets must not be saved as done
                 pipeline = self.ingestor.pipeline
-                state: dict[str, Any] = {
-                    "pipeline": pipeline.state_dict(),
-                    "offsets": {str(p): o for p, o in self.ingestor.offsets.items()},
-                    "learner": await asyncio.to_thread(self.runner.learner_state),
-                }
-                if self.include_replay:
-                    state["replay"] = await asyncio.to_thread(self.replay.state_dict)
                 offsets = dict(self.ingestor.offsets)
-                returns = pipeline.take_returns()
-            path = await asyncio.to_thread(self.store.save, state)
+                state = DaemonState(
+                    pipeline.state(), offsets, await asyncio.to_thread(self.runner.learner_state),
+                    await asyncio.to_thread(self.replay.state_dict) if self.include_replay else None,
+                )
+                returns = [f.logged_return for f in pipeline.take_finished() if not f.holdout]
+            path = await asyncio.to_thread(self.store.save, state.to_checkpoint())
         except Exception as exc:  # a failed write is counted and logged; the daemon goes on
             self.failures += 1
             log_event("checkpoint failed", error=repr(exc)[:500])
             return False
         seconds = time.perf_counter() - started
         self.observe_seconds(seconds)
-        counters = state["pipeline"]["counters"]
-        self._append_history(counters["events_consumed"], state["learner"]["updates"], returns)
-        log_event("checkpoint written", path=str(path), seconds=round(seconds, 3), offsets=offsets,
-                  events_consumed=counters["events_consumed"], updates=state["learner"]["updates"],
-                  final=final)
-        if revoked is not None:
-            offsets = {p: offsets[p] for p in revoked if p in offsets}
+        events, updates = state.stream.counters.events_consumed, int(state.learner["updates"])
+        self._append_history(events, updates, returns, state.stream.counters.transitions)
+        log_event("checkpoint written", path=str(path), seconds=round(seconds, 3),
+                  offsets=offsets_for_log(offsets), events_consumed=events, updates=updates, final=final)
+        if revoked is not None:  # the partitions of both topics that moved to another member
+            offsets = {key: o for key, o in offsets.items() if key[1] in revoked}
         await self.ingestor.commit(offsets)
         return True
 
-    def _append_history(self, events: int, updates: int, returns: list[float]) -> None:
+    def _append_history(self, events: int, updates: int, returns: list[float], rows: int) -> None:
         mean_return = sum(returns) / len(returns) if returns else math.nan
+        samples_per_insert = updates * self.batch_size / rows if rows else 0.0
         point = HistoryPoint(time.time(), events, updates, mean_return, self.runner.stats().loss,
-                             self.ingestor.pipeline.policy.epsilon, self.snapshot_version())
+                             samples_per_insert, self.snapshot_version())
         try:
             append_history(self.history_dir, point)
         except OSError as exc:

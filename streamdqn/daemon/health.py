@@ -28,6 +28,7 @@ class HealthView:
         watchdog: Watchdog,
         *,
         batch_size: int,
+        updates_per_transition: float,
         device: str,
         publish_interval_seconds: float,
     ) -> None:
@@ -38,6 +39,7 @@ class HealthView:
         self.checkpointer = checkpointer
         self.watchdog = watchdog
         self.batch_size = batch_size
+        self.updates_per_transition = updates_per_transition
         self.build = {"version": __version__, "torch": torch.__version__, "device": device}
         self.publish_interval_seconds = publish_interval_seconds
         self.started = time.time()
@@ -46,14 +48,29 @@ class HealthView:
         stats = self.runner.stats()
         pipeline = self.ingestor.pipeline
         c = pipeline.counters
+        join = pipeline.join.counters if pipeline.join is not None else None
         published = self.publisher.state
         return MetricsSnapshot(
             events_consumed=c.events_consumed, rejected=dict(c.rejected), dead_lettered=c.dead_lettered,
             transitions=c.transitions, episodes=c.episodes, replay_size=len(self.replay),
             replay_capacity=self.replay.capacity, updates=stats.updates,
             samples_per_insert=stats.updates * self.batch_size / max(1, c.transitions),
+            target_samples_per_insert=self.updates_per_transition * self.batch_size,
+            ingest_paused=self.ingestor.paused,
             loss=stats.loss, td_error_abs=stats.td_error_abs, q_max_mean=stats.q_max_mean,
-            epsilon=pipeline.policy.epsilon, consumer_lag=self.ingestor.lag(),
+            consumer_lag=self.ingestor.lag(),
+            verdicts_consumed=join.verdicts_consumed if join else 0,
+            verdicts_rejected=dict(c.verdicts_rejected),
+            labelled={"inline": join.labelled_inline, "verdict": join.labelled_by_verdict} if join else
+            {"inline": c.episodes},
+            unlabelled_expired=join.unlabelled_expired if join else c.unlabelled_expired,
+            verdicts_orphaned=join.orphaned if join else 0,
+            verdicts_revised={"before_join": join.revised_before_join, "after_join": join.revised_after_join}
+            if join else {},
+            label_disagreements=join.disagreements if join else 0,
+            rows_relabelled=join.relabelled_rows if join else 0,
+            pending_episodes=pipeline.join.pending_episodes if pipeline.join is not None else 0,
+            waiting_verdicts=pipeline.join.waiting_verdicts if pipeline.join is not None else 0,
             snapshot_version=published.version, snapshot_published=published.published_at,
             snapshot_rejected=published.rejected, snapshot_failures=published.failures,
             checkpoint_failures=self.checkpointer.failures, event_loop_lag=self.watchdog.loop_lag,

@@ -15,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from streamdqn.errors import StreamDQNError
 from streamdqn.learning.runners import LearnerRunner
 from streamdqn.logs import last_kafka_error, log_event
 from streamdqn.stream.pipeline import IngestPipeline
-from streamdqn.stream.sources import DeadLetter, RecordSink, RecordSource
+from streamdqn.stream.sources import DeadLetter, Partition, RecordSink, RecordSource
 
 log = logging.getLogger("streamdqn.daemon")
 
@@ -53,16 +54,21 @@ class Clients(Protocol):
 
 @dataclass(frozen=True)
 class Backpressure:
-    """Pause fetching while the learner is behind its replay ratio by more than `max_lag_ratio`."""
+    """Pause fetching while the learner's achieved samples per inserted row are below a minimum.
 
-    updates_per_transition: float
-    max_lag_ratio: float
+    Off by default (min_samples_per_insert 0): the learner never throttles the stream, it learns from
+    fewer samples per row when it cannot keep up. The replay ring always accepts (it overwrites its
+    oldest rows), so it never needs to hold ingest back itself.
+    """
+
+    min_samples_per_insert: float
+    batch_size: int
     min_replay_size: int
 
     def should_pause(self, inserted: int, updates: int, replay_size: int) -> bool:
-        if self.updates_per_transition <= 0 or replay_size < self.min_replay_size:
+        if self.min_samples_per_insert <= 0 or replay_size < self.min_replay_size or inserted == 0:
             return False
-        return self.updates_per_transition * inserted > self.max_lag_ratio * max(updates, 1)
+        return updates * self.batch_size / inserted < self.min_samples_per_insert
 
 
 async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
@@ -80,11 +86,12 @@ class Ingestor:
         backpressure: Backpressure,
         replay_size: Callable[[], int],
         *,
-        offsets: dict[int, int],
+        offsets: dict[Partition, int],
         poll_timeout_ms: int,
         broker_retry_max_seconds: float,
         topic: str,
         observe_batch_seconds: Callable[[float], None] = lambda s: None,
+        observe_verdict_delay: Callable[[float], None] = lambda s: None,
         expire_every_seconds: float = 5.0,
         refresh_every_seconds: float = 0.5,
     ) -> None:
@@ -97,6 +104,7 @@ class Ingestor:
         self.broker_retry_max_seconds = broker_retry_max_seconds
         self.topic = topic
         self.observe_batch_seconds = observe_batch_seconds
+        self.observe_verdict_delay = observe_verdict_delay
         self.expire_every_seconds = expire_every_seconds
         self.refresh_every_seconds = refresh_every_seconds
         self.lock = asyncio.Lock()
@@ -116,6 +124,8 @@ class Ingestor:
         while not stop.is_set():
             try:
                 self.source, self.sink = await self.clients.open()
+            except StreamDQNError:
+                raise  # a configuration the broker cannot serve: retrying would not help
             except Exception as exc:  # every failure to reach the broker is retried
                 log_event("broker unreachable", bootstrap_servers=self.clients.bootstrap_servers,
                           error=repr(exc)[:300], cause=last_kafka_error(), retry_in_seconds=delay)
@@ -168,6 +178,9 @@ class Ingestor:
             self.offsets.update(outcome.next_offsets)
             self.runner.note_inserted(self.pipeline.counters.transitions)
             self.observe_batch_seconds(time.perf_counter() - started)
+            if self.pipeline.join is not None:
+                for delay in self.pipeline.join.take_delays():
+                    self.observe_verdict_delay(delay)
             self.last_progress = time.monotonic()
         return True
 
@@ -184,11 +197,7 @@ class Ingestor:
                                               self.replay_size())
 
     def _refresh_learner_link(self) -> None:
-        """New acting weights from the learner; the normalizer's statistics to it."""
-        weights, version = self.runner.weights()
-        policy = self.pipeline.policy
-        if version != policy.weights_version:
-            policy.load_weights(weights, version)
+        """The normalizer's statistics to the learner."""
         n = self.pipeline.normalizer
         self.runner.set_normalization(n.mean, n.std)
 
@@ -215,19 +224,22 @@ class Ingestor:
                 delay = min(delay * 2, 10.0)
 
     # ---------------------------------------------------------------- offsets
-    def lag(self) -> dict[int, int]:
+    def lag(self) -> dict[Partition, int]:
         if self.source is None:
             return {}
         return {p: max(0, h - self.offsets.get(p, 0)) for p, h in self.source.highwater().items()}
 
     def partitions_assigned(self) -> int:
-        return len(self.source.assignment()) if self.source is not None else 0
+        """Partitions of the telemetry topic assigned to this member."""
+        if self.source is None:
+            return 0
+        return sum(1 for topic, _ in self.source.assignment() if topic == self.topic)
 
     async def drop_partitions(self, partitions: set[int]) -> int:
         async with self.lock:
             return self.pipeline.drop_partitions(partitions)
 
-    async def commit(self, offsets: dict[int, int]) -> None:
+    async def commit(self, offsets: dict[Partition, int]) -> None:
         """Commit offsets to the group, waiting at most BROKER_CALL_TIMEOUT_SECONDS.
 
         A commit still waiting after that goes on in the background (cancelling it would leave the

@@ -22,6 +22,7 @@ class KafkaOptions:
     group_id: str
     dlq_topic: str = ""
     snapshot_topic: str = ""
+    verdicts_topic: str = ""
     client_id: str = "streamdqn"
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str = "PLAIN"

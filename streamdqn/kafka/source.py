@@ -10,10 +10,11 @@ import logging
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 
 from streamdqn.kafka.options import KafkaOptions, client_security, consumer_settings, stop_client
-from streamdqn.stream.sources import PartitionsCallback, Record
+from streamdqn.stream.sources import Partition, PartitionsCallback, Record
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +29,20 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             await self.source.on_revoked(parts)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        await self.source._seek_assigned({(tp.topic, tp.partition) for tp in assigned})
         parts = {tp.partition for tp in assigned if tp.topic == self.source.options.topic}
-        await self.source._seek_assigned(parts)
         if self.source.on_assigned is not None:
             await self.source.on_assigned(parts)
 
 
 class KafkaSource:
-    """A consumer-group member on the telemetry topic.
+    """A consumer-group member on the telemetry topic and, when set, the verdicts topic.
 
-    `start_offsets` (partition -> next offset), set before or during a rebalance, decides where an
-    assigned partition is read from: the larger of it and the group's committed offset.
+    Both topics are assigned with the range assignor, so that with equal partition counts the same
+    member owns partition p of both (co-partitioned by sandbox_id: an episode's telemetry and its
+    verdict meet in one daemon). `start_offsets` ((topic, partition) -> next offset), set before or
+    during a rebalance, decides where an assigned partition is read from: the larger of it and the
+    group's committed offset.
     """
 
     def __init__(
@@ -51,20 +55,25 @@ class KafkaSource:
         self.options = options
         self.on_assigned = on_assigned
         self.on_revoked = on_revoked
-        self.start_offsets: dict[int, int] = {}
+        self.start_offsets: dict[Partition, int] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._paused = False
-        self._unverified: dict[int, int] = {}  # partition -> offset seeked to, until a fetch confirms it
+        self._unverified: dict[Partition, int] = {}  # offset seeked to, until a fetch confirms it
+
+    @property
+    def topics(self) -> list[str]:
+        return [t for t in (self.options.topic, self.options.verdicts_topic) if t]
 
     async def start(self) -> None:
         o = self.options
-        consumer = AIOKafkaConsumer(**consumer_settings(o), **client_security(o))
+        consumer = AIOKafkaConsumer(**consumer_settings(o), **client_security(o),
+                                    partition_assignment_strategy=(RangePartitionAssignor,))
         try:
             await consumer.start()
         except BaseException:
             await consumer.stop()
             raise
-        consumer.subscribe([o.topic], listener=_Rebalance(self))
+        consumer.subscribe(self.topics, listener=_Rebalance(self))
         self._consumer = consumer
 
     async def stop(self) -> None:
@@ -72,11 +81,11 @@ class KafkaSource:
         if consumer is not None:
             await stop_client(consumer, "consumer")
 
-    async def _seek_assigned(self, partitions: set[int]) -> None:
+    async def _seek_assigned(self, partitions: set[Partition]) -> None:
         assert self._consumer is not None
-        for p in partitions:
-            tp = TopicPartition(self.options.topic, p)
-            checkpointed = self.start_offsets.get(p)
+        for topic, p in partitions:
+            tp = TopicPartition(topic, p)
+            checkpointed = self.start_offsets.get((topic, p))
             if checkpointed is None:
                 continue
             try:
@@ -85,7 +94,7 @@ class KafkaSource:
                 committed = None
             offset = max(checkpointed, committed or 0)
             self._consumer.seek(tp, offset)
-            self._unverified[p] = offset
+            self._unverified[(topic, p)] = offset
         if self._paused:
             self.pause()
 
@@ -93,14 +102,14 @@ class KafkaSource:
         assert self._consumer is not None, "KafkaSource.fetch before start"
         batches = await self._consumer.getmany(timeout_ms=timeout_ms)
         if self._unverified:
-            await self._reset_beyond_the_end({tp.partition for tp in batches})
+            await self._reset_beyond_the_end({(tp.topic, tp.partition) for tp in batches})
         return [
             Record(m.topic, m.partition, m.offset, m.value or b"", m.key, tuple(m.headers or ()))
             for messages in batches.values()
             for m in messages
         ]
 
-    async def _reset_beyond_the_end(self, delivered: set[int]) -> None:
+    async def _reset_beyond_the_end(self, delivered: set[Partition]) -> None:
         """Read from the beginning a partition whose seeked offset lies beyond the end of its log.
 
         That means the log was lost or recreated (a broker with memory storage restarted, a topic
@@ -114,38 +123,39 @@ class KafkaSource:
         consumer = self._consumer
         assert consumer is not None
         assigned = self.assignment()
-        for p, offset in list(self._unverified.items()):
-            tp = TopicPartition(self.options.topic, p)
-            if p in delivered or p not in assigned:
-                del self._unverified[p]
+        for key, offset in list(self._unverified.items()):
+            tp = TopicPartition(*key)
+            if key in delivered or key not in assigned:
+                del self._unverified[key]
                 continue
             highwater = consumer.highwater(tp)
             if highwater is None:
                 continue  # not fetched yet (or paused)
-            del self._unverified[p]
+            del self._unverified[key]
             if offset <= highwater:
                 continue
             try:
                 begin = (await consumer.beginning_offsets([tp])).get(tp, 0)
             except KafkaError:
                 begin = 0
-            log.warning("partition %d: offset %d is beyond the end of the log (%d): the log was lost or "
-                        "recreated; reading it from the beginning (%d)", p, offset, highwater, begin)
-            if p in self.assignment():
+            log.warning("%s partition %d: offset %d is beyond the end of the log (%d): the log was lost or "
+                        "recreated; reading it from the beginning (%d)", key[0], key[1], offset, highwater,
+                        begin)
+            if key in self.assignment():
                 consumer.seek(tp, begin)
-                self.start_offsets[p] = begin
+                self.start_offsets[key] = begin
 
-    def assignment(self) -> set[int]:
+    def assignment(self) -> set[Partition]:
         if self._consumer is None:
             return set()
-        return {tp.partition for tp in self._consumer.assignment() if tp.topic == self.options.topic}
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment() if tp.topic in self.topics}
 
-    def highwater(self) -> dict[int, int]:
+    def highwater(self) -> dict[Partition, int]:
         """Per assigned partition, the high watermark seen in the last fetch response."""
         consumer = self._consumer
         if consumer is None:
             return {}
-        marks = {tp.partition: consumer.highwater(tp) for tp in consumer.assignment()}
+        marks = {(tp.topic, tp.partition): consumer.highwater(tp) for tp in consumer.assignment()}
         return {p: h for p, h in marks.items() if h is not None}
 
     def pause(self) -> None:
@@ -158,10 +168,10 @@ class KafkaSource:
         if self._consumer is not None:
             self._consumer.resume(*self._consumer.assignment())
 
-    async def commit(self, offsets: dict[int, int]) -> None:
+    async def commit(self, offsets: dict[Partition, int]) -> None:
         if self._consumer is None or not offsets:
             return
         mine = self.assignment()
-        tps = {TopicPartition(self.options.topic, p): o for p, o in offsets.items() if p in mine}
+        tps = {TopicPartition(*key): o for key, o in offsets.items() if key in mine}
         if tps:
             await self._consumer.commit(tps)

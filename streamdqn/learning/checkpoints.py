@@ -19,7 +19,8 @@ import torch
 from streamdqn.atomic import atomic_write
 from streamdqn.errors import CheckpointError
 
-FORMAT = 1
+FORMAT = 2
+"""2: one replay row per step, typed stream state. 1: five transitions per step (streamdqn 0.1)."""
 _NAME = re.compile(r"^ckpt-(\d{10})\.pt$")
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class CheckpointStore:
             path = self.path_of(sequence)
             try:
                 return LoadedCheckpoint(path, sequence, load_checkpoint(path))
+            except OlderFormatError:
+                raise
             except CheckpointError as exc:
                 log.warning("skipping checkpoint %s: %s", path, exc)
         return None
@@ -89,6 +92,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a streamdqn checkpoint: {exc}") from exc
+    if isinstance(state, dict) and isinstance(state.get("format"), int) and state["format"] < FORMAT:
+        raise OlderFormatError(
+            f"checkpoint {path} has format {state['format']} (five replay transitions per step, streamdqn "
+            f"0.1); this streamdqn writes format {FORMAT} and cannot resume from it. Move "
+            f"{Path(path).parent} away (or set state.dir to a new directory) to start fresh; the Kafka "
+            "group's committed offsets then decide where reading resumes"
+        )
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has an unknown format")
     return state
+
+
+class OlderFormatError(CheckpointError):
+    """A checkpoint written by an earlier streamdqn whose format this one cannot read."""

@@ -27,6 +27,9 @@ class LearnerSettings(BaseModel):
     """Decoupled weight decay (AdamW) when > 0; plain Adam at 0."""
     gamma: Annotated[float, Field(ge=0, le=1)] = 0.99
     """Discount factor of the value of waiting."""
+    n_steps: Annotated[int, Field(ge=1, le=64)] = 1
+    """Ignore's target sums the next n steps' ignore rewards before it bootstraps (truncated at the
+    episode's end): the final "missed" penalty reaches back along a chain of ignores n steps at a time."""
     batch_size: Annotated[int, Field(ge=1, le=65536)] = 64
     """Replay rows per update."""
     target_update_interval: Annotated[int, Field(ge=1)] = 1000

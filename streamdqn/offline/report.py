@@ -1,5 +1,6 @@
 """The picture of a run's training history (streamdqn.history), for users without Grafana: `streamdqn
-report --state DIR --out report.png` draws episode return, loss, epsilon and snapshot versions over time.
+report --state DIR --out report.png` draws episode return, loss, the
+achieved samples per inserted row and snapshot versions over time.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def plot_report(state_dir: Path, out: Path) -> int:
     panels = [
         ("episode return", [p.episode_return for p in points]),
         ("loss", [p.loss for p in points]),
-        ("epsilon", [p.epsilon for p in points]),
+        ("samples per insert", [p.samples_per_insert for p in points]),
         ("snapshot version", [p.snapshot_version for p in points]),
     ]
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 10), sharex=True)

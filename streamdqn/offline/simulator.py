@@ -31,7 +31,9 @@ import numpy.typing as npt
 from streamdqn.atomic import atomic_write
 from streamdqn.stream.wire import COUNT_FIELDS, FLAG_FIELDS
 
-__all__ = ["BENIGN_KINDS", "MALWARE_FAMILIES", "format_for_path", "simulate", "write_events"]
+__all__ = [
+    "BENIGN_KINDS", "MALWARE_FAMILIES", "format_for_path", "simulate", "without_labels", "write_events",
+]
 
 Event = dict[str, object]
 
@@ -310,6 +312,20 @@ def write_events(
 
     atomic_write(path, write)
     return count
+
+
+def without_labels(
+    events: Iterable[dict[str, object]], verdicts: list[dict[str, object]], *, delay_seconds: float = 60.0
+) -> Iterator[dict[str, object]]:
+    """The events without is_malicious/severity (as production sandboxes send them); each episode's
+    verdict is appended to `verdicts` as its last event passes, timestamped `delay_seconds` later."""
+    for event in events:
+        label = {"is_malicious": event.pop("is_malicious"), "severity": event.pop("severity")}
+        if event.get("final"):
+            verdicts.append({"sandbox_id": event["sandbox_id"], "episode_id": event["episode_id"], **label,
+                             "revision": 0, "source": "simulator",
+                             "timestamp": round(float(event["timestamp"]) + delay_seconds, 3)})  # type: ignore[arg-type]
+        yield event
 
 
 def format_for_path(path: Path) -> Literal["jsonl", "json"]:

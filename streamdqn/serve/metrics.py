@@ -27,11 +27,22 @@ class MetricsSnapshot:
     replay_capacity: int = 0
     updates: int = 0
     samples_per_insert: float = 0.0
+    target_samples_per_insert: float = 0.0
+    ingest_paused: bool = False
     loss: float = float("nan")
     td_error_abs: float = float("nan")
     q_max_mean: float = float("nan")
-    epsilon: float = 1.0
-    consumer_lag: dict[int, int] = field(default_factory=dict)
+    consumer_lag: dict[tuple[str, int], int] = field(default_factory=dict)
+    verdicts_consumed: int = 0
+    verdicts_rejected: dict[str, int] = field(default_factory=dict)
+    labelled: dict[str, int] = field(default_factory=dict)  # source -> episodes
+    unlabelled_expired: int = 0
+    verdicts_orphaned: int = 0
+    verdicts_revised: dict[str, int] = field(default_factory=dict)  # when -> revisions
+    label_disagreements: int = 0
+    rows_relabelled: int = 0
+    pending_episodes: int = 0
+    waiting_verdicts: int = 0
     snapshot_version: int = 0
     snapshot_published: float = 0.0
     snapshot_rejected: int = 0
@@ -56,6 +67,12 @@ class _SnapshotCollector(Collector):
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"streamdqn_{name}", doc, value=value)
 
+        def labelled_counter(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+            family = CounterMetricFamily(f"streamdqn_{name}", doc, labels=[label])
+            for key, n in sorted(values.items()):
+                family.add_metric([key], n)
+            return family
+
         yield counter("events_consumed", "Valid telemetry events ingested (events, not messages).",
                       s.events_consumed)
         rejected = CounterMetricFamily("streamdqn_events_rejected", "Bad events and undecodable messages.",
@@ -64,8 +81,27 @@ class _SnapshotCollector(Collector):
             rejected.add_metric([reason], n)
         yield rejected
         yield counter("events_dead_lettered", "Records written to the dead-letter topic.", s.dead_lettered)
-        yield counter("transitions", "RL transitions pushed to the replay buffer.", s.transitions)
-        yield counter("episodes", "Episodes finished.", s.episodes)
+        yield counter("transitions", "Replay rows pushed (one per learned step, with every action's target).",
+                      s.transitions)
+        yield counter("episodes", "Episodes finished and labelled.", s.episodes)
+        yield counter("verdicts_consumed", "Valid verdicts read from the verdicts topic.",
+                      s.verdicts_consumed)
+        yield labelled_counter("verdicts_rejected", "Bad verdicts and undecodable verdict messages.",
+                               "reason", s.verdicts_rejected)
+        yield labelled_counter("episodes_labelled", "Episodes finished with a label, by its source.",
+                               "source", {"inline": 0, "verdict": 0, **s.labelled})
+        yield counter("episodes_unlabelled_expired", "Episodes over that no verdict reached in time.",
+                      s.unlabelled_expired)
+        yield counter("verdicts_orphaned", "Verdicts whose episode never arrived in time.",
+                      s.verdicts_orphaned)
+        yield labelled_counter("verdicts_revised", "Newer revisions of a verdict, before or after its join.",
+                               "when", {"before_join": 0, "after_join": 0, **s.verdicts_revised})
+        yield counter("label_disagreements", "Episodes whose inline label and verdict differ.",
+                      s.label_disagreements)
+        yield counter("rows_relabelled", "Replay rows whose rewards a later verdict changed.",
+                      s.rows_relabelled)
+        yield gauge("pending_episodes", "Episodes over and waiting for their verdict.", s.pending_episodes)
+        yield gauge("waiting_verdicts", "Verdicts waiting for their episode's telemetry.", s.waiting_verdicts)
         yield counter("learner_updates", "DQN gradient updates.", s.updates)
         yield counter("snapshot_rejected", "Candidate snapshots refused by the publish gate.",
                       s.snapshot_rejected)
@@ -73,16 +109,20 @@ class _SnapshotCollector(Collector):
         yield counter("checkpoint_failures", "Checkpoint writes that failed.", s.checkpoint_failures)
         yield gauge("replay_size", "Transitions in the replay buffer.", s.replay_size)
         yield gauge("replay_capacity", "Replay buffer capacity.", s.replay_capacity)
-        yield gauge("learner_samples_per_insert", "Replay ratio achieved: sampled / inserted transitions.",
+        yield gauge("learner_samples_per_insert", "Replay ratio achieved: rows sampled per row inserted.",
                     s.samples_per_insert)
+        yield gauge("learner_target_samples_per_insert",
+                    "Replay ratio the learner aims at (updates_per_transition x batch size).",
+                    s.target_samples_per_insert)
+        yield gauge("ingest_paused", "1 while fetching is paused for the learner (min_samples_per_insert).",
+                    1.0 if s.ingest_paused else 0.0)
         yield gauge("learner_loss", "Huber TD loss of the last update.", s.loss)
         yield gauge("learner_td_error_abs", "Mean |TD error| of the last update's batch.", s.td_error_abs)
         yield gauge("learner_q_max_mean", "Mean max-Q of the last update's batch.", s.q_max_mean)
-        yield gauge("epsilon", "Exploration rate of the behaviour policy.", s.epsilon)
         lag = GaugeMetricFamily("streamdqn_consumer_lag", "High watermark minus position, per partition.",
-                                labels=["partition"])
-        for partition, value in sorted(s.consumer_lag.items()):
-            lag.add_metric([str(partition)], value)
+                                labels=["topic", "partition"])
+        for (topic, partition), value in sorted(s.consumer_lag.items()):
+            lag.add_metric([topic, str(partition)], value)
         yield lag
         yield gauge("snapshot_version", "Version of the latest published snapshot.", s.snapshot_version)
         yield gauge("snapshot_published_timestamp_seconds",
@@ -106,8 +146,13 @@ class DaemonMetrics:
     ) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.registry.register(_SnapshotCollector(read))
+        self.verdict_delay_seconds = Histogram(
+            "streamdqn_verdict_delay_seconds", "Verdict time minus the episode's last event time.",
+            buckets=(1, 10, 60, 300, 1800, 3600, 6 * 3600, 86_400, 7 * 86_400), registry=self.registry,
+        )
         self.episode_return = Histogram(
-            "streamdqn_episode_return", "Return of finished episodes under the reward table.",
+            "streamdqn_episode_return", "Return of finished episodes under what the sandbox did (its logged "
+            "actions; ignore where none were logged).",
             buckets=(-2.0, -1.5, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5), registry=self.registry,
         )
         self.ingest_batch_seconds = Histogram(

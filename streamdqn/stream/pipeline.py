@@ -19,7 +19,7 @@ from streamdqn.stream.episodes import Emitted, EpisodeTracker, Finished, Tracker
 from streamdqn.stream.features import NormalizerState, RunningNormalizer
 from streamdqn.stream.join import JoinState, VerdictJoin, decode_verdicts
 from streamdqn.stream.rows import ReplayRows
-from streamdqn.stream.sources import DeadLetter, Record
+from streamdqn.stream.sources import DeadLetter, Partition, Record
 from streamdqn.stream.wire import EventColumns, Reject, decode_batch
 
 REASON_RATE_LIMITED = "rate_limited"
@@ -45,7 +45,7 @@ class BatchOutcome:
     transitions: int
     rejected: Counter[str]
     dead_letters: list[DeadLetter]
-    next_offsets: dict[int, int]  # partition -> offset after the last record of this batch
+    next_offsets: dict[Partition, int]  # (topic, partition) -> offset after the batch's last record
     finished: list[Finished]
     rejects: dict[int, list[Reject]]  # record position in the batch -> its rejects
 
@@ -101,14 +101,16 @@ class IngestPipeline:
     # With a verdicts topic: records of that topic are verdicts, joined to their episodes.
     join: VerdictJoin | None = None
     verdicts_topic: str = ""
+    on_finished: Callable[[Finished], None] | None = None  # each episode as it finishes (metrics)
     # Finished episodes since the last take_finished() (the daemon's history and metrics read them).
     _finished: list[Finished] = field(default_factory=list)
 
     def process(self, records: Sequence[Record], now: float | None = None) -> BatchOutcome:
         now = time.monotonic() if now is None else now
-        next_offsets: dict[int, int] = {}
+        next_offsets: dict[Partition, int] = {}
         for record in records:
-            next_offsets[record.partition] = max(next_offsets.get(record.partition, 0), record.offset + 1)
+            key = (record.topic, record.partition)
+            next_offsets[key] = max(next_offsets.get(key, 0), record.offset + 1)
         if self.join is not None and any(r.topic == self.verdicts_topic for r in records):
             telemetry = [i for i, r in enumerate(records) if r.topic != self.verdicts_topic]
             verdicts = [i for i, r in enumerate(records) if r.topic == self.verdicts_topic]
@@ -221,6 +223,9 @@ class IngestPipeline:
         else:
             self.join.count_finished(emitted.finished)
         self._finished += emitted.finished
+        if self.on_finished is not None:
+            for finished in emitted.finished:
+                self.on_finished(finished)
         return rows.size
 
     def take_finished(self) -> list[Finished]:

@@ -36,7 +36,11 @@ class DeadLetter:
     detail: str
 
 
+Partition = tuple[str, int]
+"""(topic, partition)."""
 PartitionsCallback = Callable[[set[int]], Awaitable[None]]
+"""Called with the telemetry topic's partition numbers assigned or revoked (the verdicts topic's partitions
+of the same numbers move with them)."""
 
 
 class RecordSource(Protocol):
@@ -45,11 +49,11 @@ class RecordSource(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def fetch(self, timeout_ms: int) -> list[Record]: ...
-    def assignment(self) -> set[int]: ...
-    def highwater(self) -> dict[int, int]: ...
+    def assignment(self) -> set[Partition]: ...
+    def highwater(self) -> dict[Partition, int]: ...
     def pause(self) -> None: ...
     def resume(self) -> None: ...
-    async def commit(self, offsets: dict[int, int]) -> None: ...
+    async def commit(self, offsets: dict[Partition, int]) -> None: ...
 
 
 class RecordSink(Protocol):
@@ -63,12 +67,14 @@ class RecordSink(Protocol):
 
 
 class MemorySource:
-    """Records from a list: the daemon run without a broker (tests, tools). One partition per value."""
+    """Records from a list: the daemon run without a broker (tests, tools); batches of `batch` records."""
 
-    def __init__(self, records: Sequence[Record] = ()) -> None:
+    def __init__(self, records: Sequence[Record] = (), *, topic: str = "telemetry", batch: int = 500) -> None:
         self._records = list(records)
         self._next = 0
-        self.committed: dict[int, int] = {}
+        self.topic = topic
+        self.batch = batch
+        self.committed: dict[Partition, int] = {}
         self.paused = False
 
     def add(self, records: Sequence[Record]) -> None:
@@ -84,17 +90,23 @@ class MemorySource:
         if self.paused or self._next >= len(self._records):
             await asyncio.sleep(min(timeout_ms, 50) / 1000)
             return []
-        batch = self._records[self._next : self._next + 500]
+        batch = self._records[self._next : self._next + self.batch]
         self._next += len(batch)
         return batch
 
-    def assignment(self) -> set[int]:
-        return {r.partition for r in self._records} or {0}
+    @property
+    def delivered(self) -> int:
+        """Records handed out by fetch so far."""
+        return self._next
 
-    def highwater(self) -> dict[int, int]:
-        marks: dict[int, int] = {}
+    def assignment(self) -> set[Partition]:
+        return {(r.topic, r.partition) for r in self._records} or {(self.topic, 0)}
+
+    def highwater(self) -> dict[Partition, int]:
+        marks: dict[Partition, int] = {}
         for r in self._records:
-            marks[r.partition] = max(marks.get(r.partition, 0), r.offset + 1)
+            key = (r.topic, r.partition)
+            marks[key] = max(marks.get(key, 0), r.offset + 1)
         return marks
 
     def pause(self) -> None:
@@ -103,7 +115,7 @@ class MemorySource:
     def resume(self) -> None:
         self.paused = False
 
-    async def commit(self, offsets: dict[int, int]) -> None:
+    async def commit(self, offsets: dict[Partition, int]) -> None:
         self.committed.update(offsets)
 
 
