@@ -43,7 +43,7 @@ def _train(args: argparse.Namespace) -> int:
 
     hyper = {name: getattr(args, name) for name in _TRAIN_OPTIONS if hasattr(args, name)}
     _, returns, _ = train(args.events, args.episodes, state_dir=args.state_dir, seed=args.seed,
-                          progress=not args.quiet, **hyper)
+                          progress=not args.quiet, strict=args.strict, **hyper)
     last = returns[-min(100, len(returns)):]
     print(f"trained {len(returns)} episodes; mean return of the last {len(last)}: "
           f"{sum(last) / len(last):+.3f}")
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the episode order, initial weights and exploration (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--strict", action="store_true",
+                   help="any rejected record is an error (default: report rejects and train on the rest)")
     _add_model_options(p.add_argument_group("learner"), _learner_fields())
     _add_model_options(p.add_argument_group("training loop"), _offline_fields())
     p.set_defaults(func=_train)

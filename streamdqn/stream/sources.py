@@ -8,8 +8,10 @@ mode and the tests only see these types.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 
@@ -141,3 +143,17 @@ class MemorySink:
 
     async def broker_reachable(self) -> bool:
         return True
+
+
+def file_records(path: Path, *, topic: str = "file") -> list[Record]:
+    """A telemetry file as records: one per line of JSON Lines (offset = line index), or one per element
+    of a JSON array (offset = element index); a file that is neither is one record, rejected downstream."""
+    data = Path(path).read_bytes()
+    if data.lstrip()[:1] == b"[":
+        try:
+            elements = json.loads(data)
+        except (ValueError, RecursionError):
+            return [Record(topic, 0, 0, data)]
+        if isinstance(elements, list):
+            return [Record(topic, 0, i, json.dumps(e).encode()) for i, e in enumerate(elements)]
+    return [Record(topic, 0, i, line) for i, line in enumerate(data.splitlines()) if line.strip()]
