@@ -55,15 +55,26 @@ _COUNTERS = [
     "snapshot_failures",
     "checkpoint_failures",
     "episodes",
+    "verdicts_consumed",
+    "verdicts_rejected",
+    "episodes_labelled",
+    "episodes_unlabelled_expired",
+    "verdicts_orphaned",
+    "verdicts_revised",
+    "label_disagreements",
+    "rows_relabelled",
 ]
 _GAUGES = [
     "replay_size",
     "replay_capacity",
     "learner_samples_per_insert",
+    "learner_target_samples_per_insert",
+    "ingest_paused",
+    "pending_episodes",
+    "waiting_verdicts",
     "learner_loss",
     "learner_td_error_abs",
     "learner_q_max_mean",
-    "epsilon",
     "consumer_lag",
     "snapshot_version",
     "snapshot_published_timestamp_seconds",
@@ -72,7 +83,8 @@ _GAUGES = [
     "partitions_assigned",
     "build_info",
 ]
-_HISTOGRAMS = ["episode_return", "ingest_batch_seconds", "snapshot_export_seconds", "checkpoint_seconds"]
+_HISTOGRAMS = ["episode_return", "ingest_batch_seconds", "snapshot_export_seconds", "checkpoint_seconds",
+               "verdict_delay_seconds"]
 DOCUMENTED_METRICS = frozenset(
     [f"streamdqn_{name}_total" for name in _COUNTERS]
     + [f"streamdqn_{name}" for name in _GAUGES]
@@ -324,8 +336,13 @@ def test_dashboard_panels() -> None:
         "Loss",
         "TD error",
         "Max-Q",
-        "Epsilon",
+        "Replay ratio: achieved vs target",
         "Episode return",
+        "Verdicts consumed and rejected",
+        "Episodes labelled by source",
+        "Waiting for the join",
+        "Never joined",
+        "Verdict delay",
         "Snapshot version",
         "Snapshot age",
         "Snapshot export duration",
