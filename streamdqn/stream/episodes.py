@@ -113,6 +113,31 @@ class Episode:
     def label(self) -> Label | None:
         return self.verdict or self.inline
 
+    def add(self, events: EventColumns, rows: np.ndarray, features: np.ndarray, now: float) -> None:
+        """Accepted events `rows` (positions in `events`, in step order) with their features."""
+        self.last_step = int(events.step[rows[-1]])
+        self.last_seen = now
+        stamps = events.timestamp[rows]
+        if not np.isnan(stamps).all():
+            self.last_event_time = float(np.nanmax(stamps))
+        labelled = rows[events.malicious[rows] >= 0]
+        if len(labelled):  # the wire format gives severity with every inline label
+            previous = self.inline.severity if self.inline else 0.0
+            severity = max(previous, float(events.severity[labelled].max()))
+            self.inline = Label(bool(events.malicious[labelled[-1]]), severity, "inline")
+        if self.censored:
+            return  # consumed, but nothing more to learn from it
+        block = Steps(features, events.final[rows], events.action[rows],
+                      events.action_prob[rows].astype(np.float32), events.reward[rows], events.shadow[rows])
+        response = np.flatnonzero((block.action >= 1) & ~block.shadow)
+        if len(response):
+            block = block.take(np.arange(response[0] + 1))
+            self.censored = True
+        if self.holdout:
+            self.kept.append(block)
+        else:
+            self.waiting = Steps.concat([self.waiting, block])
+
 
 class Finished(NamedTuple):
     """An episode over and labelled: what the metrics need of it."""
@@ -195,18 +220,9 @@ class EpisodeTracker:
         first = np.unique(slot, return_index=True)[1]
         episodes, closed, end = self._resolve(list(slot_of), first, events, partitions, emitted)
 
-        # Order: a step must come after every earlier step of its episode (a running maximum).
-        order = np.argsort(slot, kind="stable")
-        grouped = slot[order]
-        starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
         last_steps = np.array([e.last_step if e is not None else -1 for e in episodes], np.int64)
-        steps = events.step[order]
-        before = _grouped_previous_max(steps, grouped, starts, last_steps)
-        ok_sorted = steps > before
-        order_ok = np.empty(n, bool)
-        order_ok[order] = ok_sorted
-        previous = np.empty(n, np.int64)
-        previous[order] = before
+        order, previous = _previous_steps(events.step, slot, last_steps)
+        order_ok = events.step > previous
 
         positions = np.arange(n)
         live = ~closed[slot] & (positions < end[slot])
@@ -307,63 +323,13 @@ class EpisodeTracker:
         for s, e in zip(starts.tolist(), stops.tolist(), strict=True):
             episode = episodes[group[s]]
             assert episode is not None
-            rows = accepted[s:e]
-            episode.last_step = int(events.step[rows[-1]])
-            episode.last_seen = now
-            stamps = events.timestamp[rows]
-            if not np.isnan(stamps).all():
-                episode.last_event_time = float(np.nanmax(stamps))
-            labelled = rows[events.malicious[rows] >= 0]
-            if len(labelled):  # the wire format gives severity with every inline label
-                previous = episode.inline.severity if episode.inline else 0.0
-                severity = max(previous, float(events.severity[labelled].max()))
-                episode.inline = Label(bool(events.malicious[labelled[-1]]), severity, "inline")
+            episode.add(events, accepted[s:e], features[s:e], now)
             heapq.heappush(self._idle, (now, episode.key))
-            if episode.censored:
-                continue  # consumed, but nothing more to learn from it
-            block = Steps(features[s:e], events.final[rows], events.action[rows],
-                          events.action_prob[rows].astype(np.float32), events.reward[rows],
-                          events.shadow[rows])
-            response = np.flatnonzero((block.action >= 1) & ~block.shadow)
-            if len(response):
-                block = block.take(np.arange(response[0] + 1))
-                episode.censored = True
-            if episode.holdout:
-                episode.kept.append(block)
-            else:
-                episode.waiting = Steps.concat([episode.waiting, block])
 
     # ------------------------------------------------------------------ rows
     def _emit(self, episodes: Sequence[Episode | None], ended: set[Key]) -> Emitted:
-        """Build the rows of every waiting step whose targets are known (episodes in `ended` are over)."""
-        emitted = Emitted()
-        ready = [e for e in episodes
-                 if e is not None and not e.holdout and e.waiting.size and e.label is not None]
-        if not ready:
-            return emitted
-        blocks = [e.waiting for e in ready]
-        lengths = np.array([b.size for b in blocks])
-        table_steps = Steps.concat(blocks)
-        group = np.repeat(np.arange(len(ready)), lengths)
-        labels = [e.label for e in ready if e.label is not None]
-        malicious = np.repeat(np.array([int(lb.malicious) for lb in labels], np.int8), lengths)
-        severity = np.repeat(np.array([lb.severity for lb in labels], np.float32), lengths)
-        table = StepTable(table_steps.features, group, malicious, severity, table_steps.final,
-                          table_steps.action, table_steps.action_prob, table_steps.reward, table_steps.shadow)
-        # Over: the last step seen counts as the final one. Not for a censored episode: its last step is
-        # the response, whose ignore stays unknown, and earlier windows already stop before it.
-        over = np.array([e.key in ended and not e.censored for e in ready])
-        built = build_rows(table, over, np.array([e.hash for e in ready], np.int64), rewards=self.rewards,
-                           gamma=self.gamma, n_steps=self.n_steps, reward_clip=self.reward_clip)
-        emitted.rows.append(built.rows)
-        offsets = np.append(0, np.cumsum(lengths))
-        for g, episode in enumerate(ready):
-            lo, hi = offsets[g], offsets[g + 1]
-            done = built.emitted[lo:hi]
-            episode.logged_return += float(built.logged_reward[lo:hi][done].sum())
-            episode.rows += int(done.sum())
-            episode.waiting = episode.waiting.take(np.flatnonzero(~done))
-        return emitted
+        return emit_rows(episodes, ended, rewards=self.rewards, gamma=self.gamma, n_steps=self.n_steps,
+                         reward_clip=self.reward_clip)
 
     def _close(self, episode: Episode) -> Emitted:
         """The episode is over: its last step counts as the final one."""
@@ -372,16 +338,18 @@ class EpisodeTracker:
         self._closed[episode.key] = None
         while len(self._closed) > self._remember_closed:
             self._closed.popitem(last=False)
-        label = episode.label
-        if label is None:
+        if episode.label is None:
             emitted.unlabelled.append(episode)
-            return emitted
+        else:
+            self._finish(episode, episode.label, emitted)
+        return emitted
+
+    def _finish(self, episode: Episode, label: Label, emitted: Emitted) -> None:
         emitted.finished.append(Finished(episode.key, label, episode.logged_return, episode.holdout))
         if episode.holdout and episode.kept:
             steps = Steps.concat(episode.kept)
             self.holdout.append(HeldOutEpisode(steps.features, label.malicious, label.severity, steps.action,
                                                steps.action_prob))
-        return emitted
 
     def label(self, episode: Episode, label: Label, *, over: bool) -> Emitted:
         """Give an episode (open, or over and waiting) its verdict; builds what it can now."""
@@ -389,11 +357,7 @@ class EpisodeTracker:
         if not over:
             return self._emit([episode], set())
         emitted = self._emit([episode], {episode.key})
-        emitted.finished.append(Finished(episode.key, label, episode.logged_return, episode.holdout))
-        if episode.holdout and episode.kept:
-            steps = Steps.concat(episode.kept)
-            self.holdout.append(HeldOutEpisode(steps.features, label.malicious, label.severity, steps.action,
-                                               steps.action_prob))
+        self._finish(episode, label, emitted)
         return emitted
 
     def _forget(self, episode: Episode) -> None:
@@ -456,6 +420,56 @@ class EpisodeTracker:
         self.holdout.extend(_held_out_of(h) for h in state.holdout)
         self._idle = [(e.last_seen, k) for k, e in self._open.items()]
         heapq.heapify(self._idle)
+
+
+def emit_rows(
+episodes: Sequence[Episode | None], ended: set[Key], *, rewards: RewardTable, gamma: float, n_steps: int,
+reward_clip: float,
+) -> Emitted:
+    """Build the rows of every waiting step whose targets are known (episodes in `ended` are over); the
+    steps that got their row leave the episodes' waiting lists."""
+    emitted = Emitted()
+    ready = [e for e in episodes
+             if e is not None and not e.holdout and e.waiting.size and e.label is not None]
+    if not ready:
+        return emitted
+    blocks = [e.waiting for e in ready]
+    lengths = np.array([b.size for b in blocks])
+    table_steps = Steps.concat(blocks)
+    group = np.repeat(np.arange(len(ready)), lengths)
+    labels = [e.label for e in ready if e.label is not None]
+    malicious = np.repeat(np.array([int(lb.malicious) for lb in labels], np.int8), lengths)
+    severity = np.repeat(np.array([lb.severity for lb in labels], np.float32), lengths)
+    table = StepTable(table_steps.features, group, malicious, severity, table_steps.final,
+                      table_steps.action, table_steps.action_prob, table_steps.reward, table_steps.shadow)
+    # Over: the last step seen counts as the final one. Not for a censored episode: its last step is
+    # the response, whose ignore stays unknown, and earlier windows already stop before it.
+    over = np.array([e.key in ended and not e.censored for e in ready])
+    built = build_rows(table, over, np.array([e.hash for e in ready], np.int64), rewards=rewards, gamma=gamma,
+                       n_steps=n_steps, reward_clip=reward_clip)
+    emitted.rows.append(built.rows)
+    offsets = np.append(0, np.cumsum(lengths))
+    for g, episode in enumerate(ready):
+        lo, hi = offsets[g], offsets[g + 1]
+        done = built.emitted[lo:hi]
+        episode.logged_return += float(built.logged_reward[lo:hi][done].sum())
+        episode.rows += int(done.sum())
+        episode.waiting = episode.waiting.take(np.flatnonzero(~done))
+    return emitted
+
+
+
+def _previous_steps(
+    step: np.ndarray, slot: np.ndarray, last_steps: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The events grouped by episode (a stable order), and for each event the largest step before it in
+    its episode, its episode's last step before the batch included: a step must come after it."""
+    order = np.argsort(slot, kind="stable")
+    grouped = slot[order]
+    starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+    previous = np.empty(len(step), np.int64)
+    previous[order] = _grouped_previous_max(step[order], grouped, starts, last_steps)
+    return order, previous
 
 
 def _grouped_previous_max(

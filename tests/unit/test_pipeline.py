@@ -56,7 +56,7 @@ def test_a_mixed_batch_is_accounted_for_record_by_record() -> None:
     assert letters[1].record.value == records[1].value  # the original bytes
     assert letters[1].detail.startswith("[1] severity")  # the position inside its message, the field
     assert letters[4].reason == REASON_VALIDATION and "step" in letters[4].detail
-    assert outcome.next_offsets == {0: 5, 1: 4}
+    assert outcome.next_offsets == {("t", 0): 5, ("t", 1): 4}
     assert sum(b.size for b in pushed) == outcome.transitions == 2  # steps 0, 1 (step 2 waits for step 3)
 
 
