@@ -40,4 +40,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], *, mode: int = 0
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    atomic_write(path, lambda f: f.write(data), mode=mode)
+    def write(f: BinaryIO) -> None:
+        f.write(data)
+
+    atomic_write(path, write, mode=mode)

@@ -41,9 +41,16 @@ def read_history(state_dir: Path) -> list[HistoryPoint]:
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             raw = json.loads(line)
-            raw.pop("epsilon", None)  # written before streamdqn 0.2 (there is no behaviour policy now)
-            raw.setdefault("samples_per_insert", math.nan)
-            points.append(HistoryPoint(**{k: (math.nan if v is None else v) for k, v in raw.items()}))
-        except (ValueError, TypeError):
+            points.append(HistoryPoint(
+                float(raw["time"]), int(raw["events"]), int(raw["updates"]), _number(raw["episode_return"]),
+                _number(raw["loss"]),
+                # Lines written before streamdqn 0.2 have epsilon instead (there is no behaviour policy now).
+                _number(raw.get("samples_per_insert")), int(raw["snapshot_version"]),
+            ))
+        except (ValueError, TypeError, KeyError):
             continue
     return points
+
+
+def _number(value: object) -> float:
+    return math.nan if value is None else float(value)  # type: ignore[arg-type]  # JSON numbers only

@@ -147,7 +147,9 @@ class Publisher:
 
         def candidate(x: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                return q(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).argmax(1).numpy()
+                q_values = q(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+                actions: np.ndarray = q_values.argmax(1).numpy()
+            return actions
 
         metrics = evaluate_rows(candidate, held_out, self.rewards)
         current = None

@@ -16,6 +16,12 @@ class QNetwork(nn.Module):
     exported ONNX graph all apply exactly the same normalization.
     """
 
+    obs_mean: torch.Tensor
+    obs_std: torch.Tensor
+    obs_clip: torch.Tensor
+    ignore_margin: torch.Tensor
+    _ignore_onehot: torch.Tensor
+
     def __init__(
         self, obs_dim: int, n_actions: int, hidden: Sequence[int] = (256, 256), clip: float = 10.0
     ) -> None:

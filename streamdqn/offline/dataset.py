@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streamdqn.stream.features import featurize, new_carry
-from streamdqn.stream.wire import TelemetryEvent, raw_matrix
+from streamdqn.stream.wire import Event, raw_matrix
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class EpisodeData:
 
     sandbox_id: str
     episode_id: str
-    events: list[TelemetryEvent]
+    events: list[Event]
     features: np.ndarray  # float32 [T, FEATURE_DIM]
     malicious: bool
     severity: float
@@ -27,10 +27,10 @@ class EpisodeData:
         return len(self.events)
 
 
-def split_episodes(events: Sequence[TelemetryEvent]) -> list[EpisodeData]:
+def split_episodes(events: Sequence[Event]) -> list[EpisodeData]:
     """Group events by (sandbox_id, episode_id), order each by step (duplicate steps keep the first),
     and featurize. Episodes come out in order of their first event."""
-    by_key: dict[tuple[str, str], dict[int, TelemetryEvent]] = {}
+    by_key: dict[tuple[str, str], dict[int, Event]] = {}
     for event in events:
         by_key.setdefault(event.episode_key, {}).setdefault(event.step, event)
     out = []
@@ -42,8 +42,8 @@ def split_episodes(events: Sequence[TelemetryEvent]) -> list[EpisodeData]:
         out.append(
             EpisodeData(
                 sandbox, episode, ordered, features,
-                malicious=any(e.is_malicious for e in ordered),
-                severity=max(e.severity for e in ordered),
+                malicious=any(bool(e.is_malicious) for e in ordered),
+                severity=max(e.severity or 0.0 for e in ordered),
             )
         )
     return out

@@ -129,7 +129,9 @@ def _check_through_the_pipeline(records: Sequence[Record], options: PipelineOpti
     for r, rejects in outcome.rejects.items():
         for reject in rejects:
             if len(report.first_rejects) < SHOWN_REJECTS:
-                where = f"line {records[r].offset + 1}" + (f" [{reject.index}]" if reject.index > 0 else "")
+                where = f"line {records[r].offset + 1}"
+                if reject.position > 0:  # within a line that holds an array of events
+                    where += f" [{reject.position}]"
                 report.first_rejects.append(f"{where}: {reject.reason}: {reject.detail}"[:300])
     return report
 

@@ -47,7 +47,7 @@ def _export(cpu_q: QNetwork, dummy: torch.Tensor, buffer: io.BytesIO) -> None:
     torch.onnx.export(
         PolicyHead(cpu_q).eval(),
         (dummy,),
-        buffer,
+        buffer,  # type: ignore[arg-type]  # torch's stubs say a path; it writes to any binary file object
         input_names=["features"],
         output_names=["q_values", "action"],
         dynamic_axes={"features": {0: "batch"}, "q_values": {0: "batch"}, "action": {0: "batch"}},

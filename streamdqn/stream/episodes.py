@@ -170,7 +170,7 @@ class Emitted:
 class Observation(NamedTuple):
     accepted: np.ndarray  # int64: positions (in the events given) of the accepted events, in order
     features: np.ndarray  # float32 [len(accepted), 30]
-    rejects: list[tuple[int, Reject]]  # (event position, reject); Reject.index is unused (-1)
+    rejects: list[tuple[int, Reject]]  # (event position, reject); Reject.position is unused (-1)
     emitted: Emitted
     keys: list[Key]  # the episodes the batch had events of
 
@@ -302,14 +302,15 @@ class EpisodeTracker:
     def _featurize(
         self, events: EventColumns, accepted: np.ndarray, group: np.ndarray, episodes: list[Episode | None]
     ) -> np.ndarray:
-        present = np.unique(group)
+        in_batch = set(group.tolist())
+        present = [(g, e) for g, e in enumerate(episodes) if e is not None and g in in_batch]
         carry = np.zeros((len(episodes), CARRY_DIM))
-        for g in present.tolist():
-            carry[g] = episodes[g].carry  # type: ignore[union-attr]
+        for g, episode in present:
+            carry[g] = episode.carry
         steps = events.step[accepted].astype(np.float64)
         features, carry = featurize(events.raw[accepted], steps, group, carry)
-        for g in present.tolist():
-            episodes[g].carry = carry[g]  # type: ignore[union-attr]
+        for g, episode in present:
+            episode.carry = carry[g]
         return features
 
     def _add_steps(

@@ -222,7 +222,8 @@ class RunningNormalizer:
         return np.sqrt(self.var + self.eps)
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
-        return np.clip((x - self.mean) / self.std, -self.clip, self.clip).astype(np.float32)
+        out: np.ndarray = np.clip((x - self.mean) / self.std, -self.clip, self.clip).astype(np.float32)
+        return out
 
     def state(self) -> NormalizerState:
         return NormalizerState(self.count, self.mean.tolist(), self.m2.tolist(), self.clip)

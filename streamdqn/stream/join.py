@@ -319,5 +319,5 @@ class JoinState(msgspec.Struct):
     over: list[OverState]
     joined: list[list[Any]]  # [sandbox_id, episode key, revision, malicious, severity, hash]
     event_clock: float | None
-    counters: dict[str, int]
+    counters: dict[str, Any]
 

@@ -128,7 +128,7 @@ class IngestPipeline:
         for r_index, rejects in sorted(problems.items()):
             for reject in rejects:
                 rejected[reject.reason] += 1
-            detail = "; ".join(f"[{r.index}] {r.detail}" if r.index >= 0 else r.detail for r in rejects)
+            detail = "; ".join(f"[{r.position}] {r.detail}" if r.position >= 0 else r.detail for r in rejects)
             letters.append(DeadLetter(records[r_index], rejects[0].reason, detail[:2000]))
         self.counters.records += len(records)
         return BatchOutcome(events, transitions, rejected, letters, next_offsets, finished,
@@ -153,7 +153,7 @@ class IngestPipeline:
         partitions = np.array([r.partition for r in records], dtype=np.int64)[origin]
         observed = self.tracker.observe(events, partitions, now)
         for i, reject in observed.rejects:
-            problems.setdefault(int(origin[i]), []).append(reject._replace(index=int(position[i])))
+            problems.setdefault(int(origin[i]), []).append(reject._replace(position=int(position[i])))
         self.normalizer.update(observed.features)
         emitted = observed.emitted
         transitions = self._account(emitted)  # pushed before the join may relabel them

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from itertools import chain
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, NamedTuple, Protocol
 
 import msgpack
 import msgspec
@@ -95,10 +95,10 @@ class Field:
 
 
 _MAX_COUNT = 2**53
-_ID_LENGTH = {"min_length": 1, "max_length": 256}
 
 FIELDS: tuple[Field, ...] = (
-    Field("episode_id", "id", **_ID_LENGTH, doc="the detonation; 7 and \"7\" name the same episode"),
+    Field("episode_id", "id", min_length=1, max_length=256,
+          doc="the detonation; 7 and \"7\" name the same episode"),
     Field("step", "int", ge=0, le=10**9, doc="position in the episode, increasing"),
     *(Field(name, "int", ge=0, le=_MAX_COUNT) for name in COUNT_FIELDS),
     Field("cpu_usage", "float", ge=0.0, le=100.0, doc="percent"),
@@ -108,7 +108,7 @@ FIELDS: tuple[Field, ...] = (
           doc="the label when the sandbox knows it (with severity); else a verdict comes later"),
     Field("severity", "float", ge=0.0, le=1.0, optional=True, default=None,
           doc="0..1; given together with is_malicious or not at all"),
-    Field("sandbox_id", "str", **_ID_LENGTH, default="default"),
+    Field("sandbox_id", "str", min_length=1, max_length=256, default="default"),
     Field("timestamp", "float", ge=0.0, optional=True, default=None, doc="event time, epoch seconds"),
     Field("final", "bool", default=False, doc="the episode's last step"),
     Field("action", "action", optional=True, default=None,
@@ -128,10 +128,13 @@ FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
 # --- the fast path: msgspec -------------------------------------------------------------------
 
 
+def _bounds(f: Field) -> dict[str, Any]:
+    return {k: v for k, v in (("ge", f.ge), ("gt", f.gt), ("le", f.le), ("min_length", f.min_length),
+                              ("max_length", f.max_length)) if v is not None}
+
+
 def _msgspec_type(f: Field) -> Any:
-    meta = msgspec.Meta(**{k: v for k, v in (("ge", f.ge), ("gt", f.gt), ("le", f.le),
-                                            ("min_length", f.min_length), ("max_length", f.max_length))
-                         if v is not None})
+    meta = msgspec.Meta(**_bounds(f))
     base: Any = {
         "int": int, "float": float, "bool": bool, "str": str,
         "id": int | Annotated[str, meta],
@@ -166,8 +169,7 @@ def _action_from_name(value: object) -> object:
 
 
 def _pydantic_type(f: Field) -> Any:
-    bounds = {k: v for k, v in (("ge", f.ge), ("gt", f.gt), ("le", f.le), ("min_length", f.min_length),
-                                ("max_length", f.max_length)) if v is not None}
+    bounds = _bounds(f)
     if f.kind == "id":
         base: Any = int | Annotated[str, PydanticField(**bounds)]
     elif f.kind == "action":
@@ -206,10 +208,24 @@ TelemetryEvent: Any = create_model(  # type: ignore[call-overload]
 _EVENT_LIST = TypeAdapter(list[TelemetryEvent])
 
 
-class Reject(NamedTuple):
-    """A record that did not become an event. `index` is its position in the message (-1: all of it)."""
+class Event(Protocol):
+    """An event as either path decodes it (the fields of FIELDS are its attributes)."""
 
-    index: int
+    episode_id: int | str
+    step: int
+    sandbox_id: str
+    is_malicious: bool | None
+    severity: float | None
+    final: bool
+
+    @property
+    def episode_key(self) -> tuple[str, str]: ...
+
+
+class Reject(NamedTuple):
+    """A record that did not become an event, at `position` in its message (-1: all of it)."""
+
+    position: int
     reason: str
     detail: str
 
@@ -341,7 +357,7 @@ class EventColumns(NamedTuple):
         index = np.asarray(index, dtype=np.int64)
         arrays = [c[index] for c in self[:10]]
         lists = [[c[i] for i in index.tolist()] for c in self[10:]]
-        return EventColumns(*arrays, *lists)  # type: ignore[arg-type]
+        return EventColumns(*arrays, *lists)
 
     @staticmethod
     def concat(parts: Sequence[EventColumns]) -> EventColumns:
@@ -505,7 +521,7 @@ def read_events_file(path: Path) -> Decoded:
         except (ValueError, RecursionError) as exc:
             rejects.append(Reject(number, REASON_DECODE, f"line {number + 1}: {exc}"[:500]))
     result = validate_records(parsed)
-    rejects += [r._replace(index=line_of[r.index]) for r in result.rejects]
+    rejects += [r._replace(position=line_of[r.position]) for r in result.rejects]
     rejects.sort()
     return Decoded(events=result.events, rejects=rejects, indices=[line_of[i] for i in result.indices])
 

@@ -67,11 +67,11 @@ def _check(decoded: Decoded, payload: bytes) -> None:
     assert isinstance(decoded, Decoded)
     assert all(r.reason in REASONS for r in decoded.rejects), decoded.rejects
     assert len(decoded.events) == len(decoded.indices)
-    whole = [r for r in decoded.rejects if r.index < 0]
+    whole = [r for r in decoded.rejects if r.position < 0]
     if whole:  # the message as a whole was refused: nothing in it became an event
         assert len(decoded.rejects) == 1 and not decoded.events
         return
-    rejected = [r.index for r in decoded.rejects]
+    rejected = [r.position for r in decoded.rejects]
     assert len(set(rejected)) == len(rejected) and not set(rejected) & set(decoded.indices)
     covered = sorted([*rejected, *decoded.indices])
     assert covered == list(range(len(covered)))

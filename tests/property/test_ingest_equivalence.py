@@ -146,7 +146,7 @@ def test_the_columnar_stage_equals_the_per_record_reference(stream: tuple[list[R
         consumed += outcome.events
         lettered |= {letter.record.offset for letter in outcome.dead_letters}
         for r, rejects in outcome.rejects.items():
-            found = sorted((x.index, x.reason, _fields(x.detail)) for x in rejects)
+            found = sorted((x.position, x.reason, _fields(x.detail)) for x in rejects)
             got_rejects[records[lo + r].offset] = found
     pipeline.close_all()
 

@@ -201,7 +201,7 @@ def test_good_events_of_a_mixed_array_are_kept_with_their_indices() -> None:
     decoded = decode(json.dumps(records).encode())
     assert [e.step for e in decoded.events] == [0, 3, 5]
     assert decoded.indices == [0, 3, 5]
-    assert [(r.index, r.reason) for r in decoded.rejects] == [
+    assert [(r.position, r.reason) for r in decoded.rejects] == [
         (1, REASON_VALIDATION),
         (2, REASON_SHAPE),
         (4, REASON_VALIDATION),
@@ -219,7 +219,7 @@ def test_read_events_file_json_array(tmp_path: Path) -> None:
     decoded = read_events_file(path)
     assert [e.step for e in decoded.events] == [0, 2]
     assert decoded.indices == [0, 2]
-    assert [(r.index, r.reason) for r in decoded.rejects] == [(1, REASON_VALIDATION)]
+    assert [(r.position, r.reason) for r in decoded.rejects] == [(1, REASON_VALIDATION)]
 
 
 def test_read_events_file_json_lines_reports_bad_lines_by_line_index(tmp_path: Path) -> None:
@@ -235,7 +235,7 @@ def test_read_events_file_json_lines_reports_bad_lines_by_line_index(tmp_path: P
     decoded = read_events_file(path)
     assert [e.step for e in decoded.events] == [0, 2]
     assert decoded.indices == [0, 4]
-    assert [(r.index, r.reason) for r in decoded.rejects] == [(2, REASON_DECODE), (3, REASON_VALIDATION)]
+    assert [(r.position, r.reason) for r in decoded.rejects] == [(2, REASON_DECODE), (3, REASON_VALIDATION)]
     assert "line 3" in decoded.rejects[0].detail
     assert decoded.rejects[1].detail.startswith("syscall_count")
 
