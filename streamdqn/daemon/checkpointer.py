@@ -69,7 +69,7 @@ class Checkpointer:
                 )
                 returns = [f.logged_return for f in pipeline.take_finished() if not f.holdout]
             path = await asyncio.to_thread(self.store.save, state.to_checkpoint())
-        except Exception as exc:  # a failed write is counted and logged; the daemon goes on
+        except Exception as exc:  # noqa: BLE001 - a failed write is counted and logged; the daemon goes on
             self.failures += 1
             log_event("checkpoint failed", error=repr(exc)[:500])
             return False

@@ -114,8 +114,9 @@ async def run_demo(options: DemoOptions) -> int:
         stop_producing = asyncio.Event()
         producer = asyncio.create_task(produce_live(broker.bootstrap_servers, (k.topic, k.verdicts_topic),
                                                     options, stop_producing))
-        while daemon.http_port is None and not serve.done():
-            await asyncio.sleep(0.1)
+        listening = asyncio.create_task(daemon.listening.wait())
+        await asyncio.wait([listening, serve], return_when=asyncio.FIRST_COMPLETED)
+        listening.cancel()
         base = f"http://{settings.http.host}:{daemon.http_port}"
         low, high = options.verdict_delay
         labels = "inline labels" if options.inline_labels else (

@@ -126,7 +126,7 @@ class Ingestor:
                 self.source, self.sink = await self.clients.open()
             except StreamDQNError:
                 raise  # a configuration the broker cannot serve: retrying would not help
-            except Exception as exc:  # every failure to reach the broker is retried
+            except Exception as exc:  # noqa: BLE001 - every failure to reach the broker is retried
                 log_event("broker unreachable", bootstrap_servers=self.clients.bootstrap_servers,
                           error=repr(exc)[:300], cause=last_kafka_error(), retry_in_seconds=delay)
                 await sleep_unless(stop, delay)

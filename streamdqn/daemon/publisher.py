@@ -105,7 +105,7 @@ class Publisher:
         held_out = list(self.ingestor.pipeline.tracker.holdout) if self.gate is not None else []
         try:
             snapshot, passed = await asyncio.to_thread(self._export, weights, provenance, held_out)
-        except Exception as exc:  # a failed export is counted and logged; the daemon goes on
+        except Exception as exc:  # noqa: BLE001 - a failed export is counted and logged; the daemon goes on
             self.state.failures += 1
             log_event("snapshot failed", error=repr(exc)[:500])
             return False
@@ -171,5 +171,5 @@ class Publisher:
                               "manifest_url": f"{base}/snapshots/{snapshot.version}/manifest.json"}).encode()
         try:
             await asyncio.wait_for(sink.announce(payload), timeout=BROKER_CALL_TIMEOUT_SECONDS)
-        except Exception as exc:  # an announcement is informational: log and go on
+        except Exception as exc:  # noqa: BLE001 - an announcement is informational: log and go on
             log_event("snapshot announcement failed", error=describe_broker_error(exc))

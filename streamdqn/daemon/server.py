@@ -78,6 +78,7 @@ class Server:
         self.notifier = notifier
         self.stop_timeout_seconds = stop_timeout_seconds
         self.stop_event = asyncio.Event()
+        self.listening = asyncio.Event()  # set once HTTP is up (http_port known)
         self.http_port: int | None = None
         self._signals = 0
 
@@ -106,6 +107,7 @@ class Server:
     async def _serve(self) -> int:
         http_runner, self.http_port = await start_http(self.http.app, self.http.host, self.http.port)
         log_event("http listening", host=self.http.host, port=self.http_port)
+        self.listening.set()
         tasks: list[asyncio.Task[None]] = []
         try:
             if not await self.ingestor.connect(self.stop_event):

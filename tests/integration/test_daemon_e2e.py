@@ -101,7 +101,8 @@ def test_learns_dead_letters_publishes_stops_and_resumes(topics, make_daemon, tm
     session = ort.InferenceSession(str(tmp_path / "policy" / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
     q, action = session.run(None, {"features": np.zeros((3, 30), np.float32)})
-    assert q.shape == (3, 5) and action.dtype == np.int64
+    assert q.shape == (3, 5)
+    assert action.dtype == np.int64
     assert result.changed
 
     # SIGTERM: clean exit within the stop timeout, with a final checkpoint and snapshot.
@@ -109,7 +110,8 @@ def test_learns_dead_letters_publishes_stops_and_resumes(topics, make_daemon, tm
     assert daemon.wait_exit(35) == 0
     logged = daemon.log_events()
     final_checkpoint = [e for e in logged if e["event"] == "checkpoint written" and e["final"]]
-    assert final_checkpoint and final_checkpoint[-1]["events_consumed"] == valid
+    assert final_checkpoint
+    assert final_checkpoint[-1]["events_consumed"] == valid
     assert any(e["event"] == "snapshot published" and e["final"] for e in logged)
 
     # Restart: the restored count is exact, nothing is read twice, and new events are counted once.

@@ -20,12 +20,16 @@ def test_demo_runs_learns_publishes_and_stops_everything(tmp_path: Path) -> None
         capture_output=True, text=True, timeout=150, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "/metrics" in done.stdout and "/snapshots" in done.stdout
+    assert "/metrics" in done.stdout
+    assert "/snapshots" in done.stdout
     summary = re.search(r"produced (\d+) events; ingested (\d+); updates (\d+); latest snapshot (\d+)",
                         done.stdout)
     assert summary, done.stdout + done.stderr
     produced, ingested, updates, snapshot = map(int, summary.groups())
-    assert produced > 1000 and ingested > 0 and updates > 0 and snapshot >= 1
+    assert produced > 1000
+    assert ingested > 0
+    assert updates > 0
+    assert snapshot >= 1
     assert (state / "snapshots" / "latest" / "model.onnx").is_file()
     # The broker it started does not outlive it.
     port = re.search(r"broker\s+127\.0\.0\.1:(\d+)", done.stdout)

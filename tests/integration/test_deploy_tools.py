@@ -40,7 +40,8 @@ DASHBOARD_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "stre
 MAX_EXPOSURE = 1.2
 
 _spec = importlib.util.spec_from_file_location("deploy_check", DEPLOY / "check.py")
-assert _spec is not None and _spec.loader is not None
+assert _spec is not None
+assert _spec.loader is not None
 check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check)
 
@@ -459,7 +460,8 @@ def test_compose_file() -> None:
     assert mounts(streamdqn)[state_dir] in compose["volumes"]
     assert any(port.endswith(f":{config['http']['port']}") for port in streamdqn["ports"])
     grace = streamdqn["stop_grace_period"]
-    assert grace.endswith("s") and int(grace[:-1]) > config["lifecycle"]["stop_timeout_seconds"]
+    assert grace.endswith("s")
+    assert int(grace[:-1]) > config["lifecycle"]["stop_timeout_seconds"]
 
     prometheus = mounts(services["prometheus"])
     config_target = next(t for t, s in prometheus.items() if s == "./prometheus.yml")

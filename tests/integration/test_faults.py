@@ -117,12 +117,14 @@ def test_broker_absent_at_start_then_killed_and_restarted_empty(make_daemon, tmp
         daemon.start()
         daemon.wait_for(lambda: len(events_named(daemon, "broker unreachable")) >= 3, 30, "retries")
         status, checks = readyz(daemon)
-        assert status == 503 and checks["broker_connected"] is False
+        assert status == 503
+        assert checks["broker_connected"] is False
         assert daemon.metric("streamdqn_broker_connected") == 0
         retries = [e["retry_in_seconds"] for e in events_named(daemon, "broker unreachable")]
         assert retries[:3] == [0.5, 1.0, 2.0]  # exponential backoff, capped by broker_retry_max_seconds (2)
         assert all(r <= 2.0 for r in retries)
-        assert daemon.process is not None and daemon.process.poll() is None
+        assert daemon.process is not None
+        assert daemon.process.poll() is None
 
         broker.start()
         topics.create()
@@ -131,7 +133,8 @@ def test_broker_absent_at_start_then_killed_and_restarted_empty(make_daemon, tmp
         daemon.wait_for(lambda: counted(daemon) >= len(first), 60, "the first batch")
         daemon.wait_for(lambda: readyz(daemon)[1]["partitions_assigned"], 30, "assignment in /readyz")
         checks = readyz(daemon)[1]
-        assert checks["broker_connected"] is True and checks["learner_running"] is True
+        assert checks["broker_connected"] is True
+        assert checks["learner_running"] is True
         assert daemon.metric("streamdqn_events_consumed_total") == len(first)
         daemon.wait_for(lambda: any(e["events_consumed"] == len(first)
                                     for e in events_named(daemon, "checkpoint written")), 30,
@@ -160,7 +163,8 @@ def test_broker_absent_at_start_then_killed_and_restarted_empty(make_daemon, tmp
         assert daemon.rejected_total() == 0
         daemon.wait_for(lambda: daemon.metric("streamdqn_broker_connected") == 1, 30, "the reconnect")
         names = [e["event"] for e in daemon.log_events()]
-        assert "broker disconnected" in names and "broker reconnected" in names
+        assert "broker disconnected" in names
+        assert "broker reconnected" in names
         assert any("beyond the end of the log" in name for name in names)
         assert_clean_log(daemon)
 
@@ -207,7 +211,8 @@ def test_broker_hung_mid_stream_learner_keeps_training_and_ingest_resumes(own_br
         m = daemon.metrics()  # HTTP answers throughout
         assert m["streamdqn_learner_updates_total"] > updates_during, "the learner stopped with the broker"
         assert m["streamdqn_broker_connected"] == 0
-        assert daemon.process is not None and daemon.process.poll() is None
+        assert daemon.process is not None
+        assert daemon.process.poll() is None
     finally:
         own_broker.resume()
     resumed_wall = time.time()
@@ -286,10 +291,13 @@ def _check_state(state_dir: Path) -> tuple[dict[str, int], int]:
     version = os.readlink(latest)
     manifest = json.loads((latest / "manifest.json").read_bytes())
     model = (latest / "model.onnx").read_bytes()
-    assert manifest["version"] == int(version) and manifest["sha256"] == sha256_hex(model)
+    assert manifest["version"] == int(version)
+    assert manifest["sha256"] == sha256_hex(model)
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     q, actions = session.run(None, {"features": np.zeros((2, 30), np.float32)})
-    assert q.shape == (2, 5) and np.isfinite(q).all() and actions.shape == (2,)
+    assert q.shape == (2, 5)
+    assert np.isfinite(q).all()
+    assert actions.shape == (2,)
     offsets = {str(p): int(o) for p, o in loaded.state["offsets"].items()}
     return offsets, int(loaded.state["pipeline"]["counters"]["events_consumed"])
 
@@ -368,12 +376,14 @@ def test_sigterm_mid_backlog_exits_0_with_final_checkpoint_and_snapshot(topics, 
     logged = daemon.log_events()
     final_checkpoint = [e for e in logged if e["event"] == "checkpoint written" and e["final"]]
     final_snapshot = [e for e in logged if e["event"] == "snapshot published" and e["final"]]
-    assert len(final_checkpoint) == 1 and len(final_snapshot) == 1
+    assert len(final_checkpoint) == 1
+    assert len(final_snapshot) == 1
     assert final_checkpoint[0]["events_consumed"] >= consumed
     assert logged[-1]["event"] == "stopped"
     # The final checkpoint is the one a restart loads, and `latest` is the final snapshot.
     loaded = CheckpointStore(daemon.state_dir / "checkpoints").load_latest()
-    assert loaded is not None and loaded.path == Path(str(final_checkpoint[0]["path"]))
+    assert loaded is not None
+    assert loaded.path == Path(str(final_checkpoint[0]["path"]))
     assert loaded.state["pipeline"]["counters"]["events_consumed"] == final_checkpoint[0]["events_consumed"]
     assert os.readlink(daemon.state_dir / "snapshots" / "latest") == str(final_snapshot[0]["version"])
     assert_clean_log(daemon)
@@ -559,9 +569,11 @@ def test_poison_is_dead_lettered_good_events_kept_and_memory_bounded(topics, mak
     assert len(dead) == letters
     for letter in dead:
         headers = dict(letter.headers)  # type: ignore[attr-defined]
-        assert headers["streamdqn-reason"] in REASONS and headers["streamdqn-error"]
+        assert headers["streamdqn-reason"] in REASONS
+        assert headers["streamdqn-error"]
     big = [x for x in dead if dict(x.headers).get("streamdqn-truncated-from")]  # type: ignore[attr-defined]
-    assert len(big) == 1 and int(dict(big[0].headers)["streamdqn-truncated-from"]) > 10 * 2**20  # type: ignore[attr-defined]
+    assert len(big) == 1
+    assert int(dict(big[0].headers)["streamdqn-truncated-from"]) > 10 * 2**20
 
     # The normalizer never saw a non-finite value: the snapshot that learned every good event (so it
     # was taken after all of the poison had been read) has finite stats.
@@ -571,7 +583,8 @@ def test_poison_is_dead_lettered_good_events_kept_and_memory_bounded(topics, mak
     daemon.wait_for(lambda: latest_learned() == good, 30, "a snapshot that learned every good event")
     manifest = json.loads(daemon.get("/snapshots/latest/manifest.json"))
     normalizer = manifest["normalizer"]
-    assert np.isfinite(normalizer["mean"]).all() and np.isfinite(normalizer["std"]).all()
+    assert np.isfinite(normalizer["mean"]).all()
+    assert np.isfinite(normalizer["std"]).all()
     assert math.isfinite(m["streamdqn_learner_loss"])
     assert_clean_log(daemon)
     print(f"poison: {len(poison)} messages, {good} good / {bad} bad events; RSS {rss_before // 1024} -> "
@@ -775,7 +788,8 @@ def test_partition_reassignment_drops_open_episodes_and_counts_each_event_once(t
     logged = daemon.log_events()
     names = [e["event"] for e in logged]
     revoked = [i for i, name in enumerate(names) if name == "partitions revoked"]
-    assert len(revoked) >= 2 and sum(int(logged[i]["open_episodes_dropped"]) for i in revoked) > 0  # type: ignore[call-overload]
+    assert len(revoked) >= 2
+    assert sum(int(logged[i]["open_episodes_dropped"]) for i in revoked) > 0
     assert names.count("partitions assigned") >= 3
     for i in revoked:  # each revocation writes a checkpoint before the partitions move
         assert "checkpoint written" in names[i + 1 : i + 3], names[i : i + 3]

@@ -95,9 +95,11 @@ def local_state(out: Path) -> dict[str, bytes]:
 
 
 def assert_installed(out: Path, snap: Snapshot, result: PullResult) -> None:
-    assert result.version == snap.version and result.sha256 == snap.manifest.sha256
+    assert result.version == snap.version
+    assert result.sha256 == snap.manifest.sha256
     model = (out / "model.onnx").read_bytes()
-    assert model == (snap.path / "model.onnx").read_bytes() and sha256_hex(model) == result.sha256
+    assert model == (snap.path / "model.onnx").read_bytes()
+    assert sha256_hex(model) == result.sha256
     assert (out / "manifest.json").read_bytes() == (snap.path / "manifest.json").read_bytes()
     assert sorted(local_state(out)) == [".etag", "manifest.json", "model.onnx"]  # no temp leftovers
 
@@ -106,13 +108,16 @@ def test_pull_installs_then_304_then_new_version(store: SnapshotStore, out: Path
     first = publish(store, 1)
     with serving(store.root) as base:
         result = pull(base + "/", out, timeout=10)  # a trailing slash is fine
-        assert result.changed and result.signature is None
+        assert result.changed
+        assert result.signature is None
         assert_installed(out, first, result)
         assert format_pull_result(result).startswith(f"pulled snapshot 1 into {out}")
 
         stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
         again = pull(base, out, timeout=10)
-        assert not again.changed and again.version == 1 and again.sha256 == first.manifest.sha256
+        assert not again.changed
+        assert again.version == 1
+        assert again.sha256 == first.manifest.sha256
         assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # nothing rewritten
         assert "is current" in format_pull_result(again)
 
@@ -143,7 +148,8 @@ def test_the_pulled_model_runs_in_onnxruntime(store: SnapshotStore, out: Path) -
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     features = np.random.default_rng(0).normal(size=(7, OBS_DIM)).astype(np.float32)
     q_values, action = session.run(["q_values", "action"], {"features": features})
-    assert q_values.shape == (7, N_ACTIONS) and np.isfinite(q_values).all()
+    assert q_values.shape == (7, N_ACTIONS)
+    assert np.isfinite(q_values).all()
     assert np.array_equal(action, q_values.argmax(axis=1))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["onnx"]["inputs"]["features"] == ["N", OBS_DIM]
@@ -186,7 +192,8 @@ def test_signed_snapshots_verify_and_tampered_manifests_are_refused(
     first = publish(store, 1, signer=signer)
     with serving(store.root) as base:
         result = pull(base, out, verifier=verifier, timeout=10)
-        assert result.changed and result.signature == algorithm
+        assert result.changed
+        assert result.signature == algorithm
         assert_installed(out, first, result)
         assert f"{algorithm} signature verified" in format_pull_result(result)
         assert pull(base, out, verifier=verifier, timeout=10).signature == algorithm  # 304, still verified

@@ -205,7 +205,8 @@ def test_token_guards_snapshots_but_not_probes_or_unprotected_metrics(fleet: Fle
     d = fleet.signed
     for path in ("/snapshots", "/snapshots/latest/manifest.json", "/snapshots/latest/model.onnx"):
         status, _, headers = request(d, path)
-        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+        assert status == 401
+        assert headers["WWW-Authenticate"].startswith("Bearer")
         assert request(d, path, "wrong-" + fleet.token)[0] == 401
         assert request(d, path, fleet.token)[0] == 200
     assert request(d, "/metrics")[0] == 200  # protect_metrics is off
@@ -233,7 +234,9 @@ def test_version_path_attacks_never_escape(fleet: Fleet) -> None:
                  "/snapshots/latest/../../../etc/passwd", "/snapshots/%00/model.onnx"]:
         status, body, _ = request(d, path, fleet.token)
         assert status in (400, 404), (path, status)
-        assert b"PRIVATE KEY" not in body and secret_bytes not in body and b"root:" not in body
+        assert b"PRIVATE KEY" not in body
+        assert secret_bytes not in body
+        assert b"root:" not in body
 
 
 # ---------------------------------------------------------------- 9: signed snapshots end to end
@@ -328,7 +331,8 @@ def test_ed25519_signed_snapshots_verify_and_tampering_is_refused(fleet: Fleet, 
     generate_ed25519_keypair(other_private, other_public)
     wrong = pull_cli(fleet.signed, tmp_path / "other-policy", "--token-file", str(fleet.token_file),
                      "--verify-key", str(other_public), "--verify-alg", "ed25519")
-    assert wrong.returncode == 1 and "bad ed25519 signature" in wrong.stderr
+    assert wrong.returncode == 1
+    assert "bad ed25519 signature" in wrong.stderr
     assert not (tmp_path / "other-policy" / "model.onnx").exists()
 
 
@@ -339,10 +343,12 @@ def test_hmac_signed_snapshots_verify_and_tampering_is_refused(fleet: Fleet, tmp
     other.write_text(base64.b64encode(os.urandom(32)).decode())
     wrong = pull_cli(fleet.hmac, tmp_path / "other-policy", "--verify-key", str(other),
                      "--verify-alg", "hmac-sha256")
-    assert wrong.returncode == 1 and "bad hmac-sha256 signature" in wrong.stderr
+    assert wrong.returncode == 1
+    assert "bad hmac-sha256 signature" in wrong.stderr
     unsigned_alg = pull_cli(fleet.hmac, tmp_path / "alg-policy", "--verify-key", str(fleet.public_key),
                             "--verify-alg", "ed25519")
-    assert unsigned_alg.returncode == 1 and "signed with 'hmac-sha256'" in unsigned_alg.stderr
+    assert unsigned_alg.returncode == 1
+    assert "signed with 'hmac-sha256'" in unsigned_alg.stderr
 
 
 # ---------------------------------------------------------------- 11: TLS/SASL settings, secrets
@@ -386,7 +392,8 @@ def test_sasl_ssl_settings_reach_aiokafka(tmp_path: Path, monkeypatch: pytest.Mo
     password = "pw-" + secrets.token_urlsafe(16)
     monkeypatch.setenv("STREAMDQN_KAFKA__SASL_PLAIN_PASSWORD", password)
     settings = load_settings(config)
-    assert password not in repr(settings) and password not in str(settings.model_dump())
+    assert password not in repr(settings)
+    assert password not in str(settings.model_dump())
     options = kafka_options(settings)
     assert password not in repr(options)
     kwargs = client_security(options)
@@ -396,20 +403,23 @@ def test_sasl_ssl_settings_reach_aiokafka(tmp_path: Path, monkeypatch: pytest.Mo
     assert kwargs["sasl_plain_password"] == password
     context = kwargs["ssl_context"]
     assert isinstance(context, ssl.SSLContext)
-    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
     subjects = [dict(x[0] for x in c["subject"]) for c in context.get_ca_certs()]
     assert {"commonName": "streamdqn test CA"} in subjects
 
     # TLS without SASL: a context, no SASL keys.
     monkeypatch.setenv("STREAMDQN_KAFKA__SECURITY_PROTOCOL", "SSL")
     tls_only = client_security(kafka_options(load_settings(config)))
-    assert isinstance(tls_only["ssl_context"], ssl.SSLContext) and "sasl_mechanism" not in tls_only
+    assert isinstance(tls_only["ssl_context"], ssl.SSLContext)
+    assert "sasl_mechanism" not in tls_only
 
 
 def test_no_secret_in_logs_or_metrics(fleet: Fleet) -> None:
     d = fleet.secrets
     retries = [e for e in d.log_events() if e["event"] == "broker unreachable"]
-    assert len(retries) >= 2 and all(e["error"] for e in retries)
+    assert len(retries) >= 2
+    assert all(e["error"] for e in retries)
     # aiokafka's own lines are kept quiet, but its last error says why: the broker does not do SASL.
     assert any("UnsupportedSaslMechanism" in (e.get("cause") or "") for e in retries)
     private_pem_body = b"".join(fleet.private_key.read_bytes().splitlines()[1:-1]).decode()
@@ -439,7 +449,8 @@ def _clean_metrics(model: Path, events: list[dict[str, object]]) -> tuple[float,
     decoded = validate_records(events)
     assert not decoded.rejects
     metrics, _ = evaluate_policy(OnnxPolicy(model), split_episodes(decoded.events), RewardTable())
-    assert metrics.detection_rate is not None and metrics.false_positive_rate is not None
+    assert metrics.detection_rate is not None
+    assert metrics.false_positive_rate is not None
     return metrics.detection_rate, metrics.mean_return, metrics.false_positive_rate
 
 
@@ -492,7 +503,8 @@ def test_poisoning_guards_rate_cap_clipping_and_publish_gate(kafka_bootstrap: st
             snapshots / str(before_version) / "model.onnx", holdout)
         manifest = json.loads((snapshots / str(before_version) / "manifest.json").read_bytes())
         evaluation = manifest["evaluation"]
-        assert evaluation["gate"] == "passed" and evaluation["held_out_episodes"] >= 10
+        assert evaluation["gate"] == "passed"
+        assert evaluation["held_out_episodes"] >= 10
 
         # The flood: one compromised sandbox, label-flipped, alongside fresh clean traffic.
         flood = _flipped_flood(120, seed=204, sandbox="sbx-evil")
@@ -542,7 +554,8 @@ def test_poisoning_guards_rate_cap_clipping_and_publish_gate(kafka_bootstrap: st
         assert daemon.metric("streamdqn_snapshot_rejected_total") == len(refusals)
         for e in refusals:
             candidate = Path(str(e["candidate"]))
-            assert candidate.parent == daemon.state_dir / "rejected" and (candidate / "model.onnx").is_file()
+            assert candidate.parent == daemon.state_dir / "rejected"
+            assert (candidate / "model.onnx").is_file()
             assert json.loads((candidate / "manifest.json").read_bytes())["evaluation"]["gate"] == e["reason"]
 
         # Reward clipping: the +1e6 overrides reached replay as +reward_clip, nothing above it.
@@ -559,6 +572,7 @@ def test_poisoning_guards_rate_cap_clipping_and_publish_gate(kafka_bootstrap: st
                                        providers=["CPUExecutionProvider"])
         q_huge = session.run(None, {"features": np.full((1, 30), 1e30, np.float32)})[0]
         q_big = session.run(None, {"features": np.full((1, 30), 1e12, np.float32)})[0]
-        assert np.isfinite(q_huge).all() and np.allclose(q_huge, q_big)
+        assert np.isfinite(q_huge).all()
+        assert np.allclose(q_huge, q_big)
     finally:
         daemon.stop()

@@ -82,30 +82,37 @@ def test_routes_bodies_and_headers(store: SnapshotStore) -> None:
     async def test() -> None:
         async with serving(store.root, probes) as base, aiohttp.ClientSession() as s:
             status, headers, body = await get(s, f"{base}/healthz")
-            assert status == 200 and json.loads(body) == {"status": "ok", "uptime_s": 1.0}
+            assert status == 200
+            assert json.loads(body) == {"status": "ok", "uptime_s": 1.0}
 
             status, _, body = await get(s, f"{base}/readyz")
-            assert status == 200 and json.loads(body)["ready"] is True
+            assert status == 200
+            assert json.loads(body)["ready"] is True
             probes.is_ready = False
             status, _, body = await get(s, f"{base}/readyz")
-            assert status == 503 and json.loads(body) == {"ready": False, "learner": "starting"}
+            assert status == 503
+            assert json.loads(body) == {"ready": False, "learner": "starting"}
 
             status, headers, body = await get(s, f"{base}/metrics")
-            assert status == 200 and body.endswith(b"streamdqn_up 1\n")
+            assert status == 200
+            assert body.endswith(b"streamdqn_up 1\n")
             assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
 
             status, _, body = await get(s, f"{base}/snapshots")
-            assert status == 200 and json.loads(body) == {"latest": 1, "versions": [1]}
+            assert status == 200
+            assert json.loads(body) == {"latest": 1, "versions": [1]}
 
             for version in ("latest", "1"):
                 status, headers, body = await get(s, f"{base}/snapshots/{version}/model.onnx")
-                assert status == 200 and body == model_bytes
+                assert status == 200
+                assert body == model_bytes
                 assert headers["ETag"] == f'"{first.manifest.sha256}"'
                 assert headers["Content-Type"] == "application/octet-stream"
                 assert headers["X-Snapshot-Version"] == "1"
 
                 status, headers, body = await get(s, f"{base}/snapshots/{version}/manifest.json")
-                assert status == 200 and body == manifest_bytes
+                assert status == 200
+                assert body == manifest_bytes
                 assert headers["ETag"] == f'"{hashlib.sha256(manifest_bytes).hexdigest()}"'
                 assert headers["Content-Type"].startswith("application/json")
                 if version == "latest":
@@ -114,7 +121,8 @@ def test_routes_bodies_and_headers(store: SnapshotStore) -> None:
                     assert headers["Cache-Control"] == "public, max-age=31536000, immutable"
 
             async with s.head(f"{base}/snapshots/latest/model.onnx") as r:
-                assert r.status == 200 and await r.read() == b""
+                assert r.status == 200
+                assert await r.read() == b""
             status, _, _ = await get(s, f"{base}/snapshots/2/model.onnx")
             assert status == 404
 
@@ -133,9 +141,11 @@ def test_etag_if_none_match_gives_304_for_both_files(store: SnapshotStore) -> No
                 for header in (etag, f"W/{etag}", "*", f'"nope", {etag}', f'"a",W/{etag} , "b"'):
                     status, h304, body = await get(s, url, **{"If-None-Match": header})
                     assert (status, body) == (304, b""), (path, header)
-                    assert h304["ETag"] == etag and h304["X-Snapshot-Version"] == "1"
+                    assert h304["ETag"] == etag
+                    assert h304["X-Snapshot-Version"] == "1"
                 status, _, body = await get(s, url, **{"If-None-Match": '"0000", W/"1111"'})
-                assert status == 200 and body
+                assert status == 200
+                assert body
 
     run(test)
 
@@ -152,15 +162,18 @@ def test_latest_moves_after_a_second_publish(store: SnapshotStore) -> None:
 
             status, headers, body = await get(s, f"{base}/snapshots/latest/manifest.json",
                                               **{"If-None-Match": old_etag})
-            assert status == 200 and json.loads(body)["version"] == 2
-            assert headers["X-Snapshot-Version"] == "2" and headers["ETag"] != old_etag
+            assert status == 200
+            assert json.loads(body)["version"] == 2
+            assert headers["X-Snapshot-Version"] == "2"
+            assert headers["ETag"] != old_etag
             status, _, body = await get(s, f"{base}/snapshots/latest/model.onnx")
             assert body == (second.path / "model.onnx").read_bytes()
             status, _, body = await get(s, f"{base}/snapshots")
             assert json.loads(body) == {"latest": 2, "versions": [1, 2]}
             # The old version stays reachable under its own, immutable URL.
             status, _, body = await get(s, f"{base}/snapshots/1/model.onnx")
-            assert status == 200 and body == (first.path / "model.onnx").read_bytes()
+            assert status == 200
+            assert body == (first.path / "model.onnx").read_bytes()
 
     run(test)
 
@@ -179,7 +192,8 @@ def test_a_version_replaced_on_disk_is_not_served_from_a_stale_cache(store: Snap
             fresh = publish(SnapshotStore(store.root), 7)
             assert fresh.version == 1
             status, _, after = await get(s, f"{base}/snapshots/1/model.onnx")
-            assert status == 200 and after == (fresh.path / "model.onnx").read_bytes() != before
+            assert status == 200
+            assert after == (fresh.path / "model.onnx").read_bytes() != before
 
     run(test)
 
@@ -188,9 +202,11 @@ def test_nothing_published_yet(store: SnapshotStore) -> None:
     async def test() -> None:
         async with serving(store.root) as base, aiohttp.ClientSession() as s:
             status, _, body = await get(s, f"{base}/snapshots")
-            assert status == 200 and json.loads(body) == {"latest": None, "versions": []}
+            assert status == 200
+            assert json.loads(body) == {"latest": None, "versions": []}
             status, _, body = await get(s, f"{base}/snapshots/latest/manifest.json")
-            assert status == 404 and "no snapshot published yet" in json.loads(body)["error"]
+            assert status == 404
+            assert "no snapshot published yet" in json.loads(body)["error"]
 
     run(test)
 
@@ -202,8 +218,10 @@ def test_token_guards_snapshots_but_not_probes(store: SnapshotStore) -> None:
         async with serving(store.root, token=TOKEN) as base, aiohttp.ClientSession() as s:
             for path in ("/snapshots", "/snapshots/latest/manifest.json", "/snapshots/1/model.onnx"):
                 status, headers, body = await get(s, base + path)
-                assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
-                assert b"onnx" not in body and TOKEN.encode() not in body
+                assert status == 401
+                assert headers["WWW-Authenticate"].startswith("Bearer")
+                assert b"onnx" not in body
+                assert TOKEN.encode() not in body
                 for wrong in (f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", f"Basic {TOKEN}", TOKEN, "Bearer ",
                               "Bearer \u00e9t\u00e9"):
                     status, headers, body = await get(s, base + path, Authorization=wrong)
@@ -228,9 +246,11 @@ def test_metrics_protected_only_when_asked(store: SnapshotStore) -> None:
         protected = serving(store.root, token=TOKEN, protect_metrics=True)
         async with protected as base, aiohttp.ClientSession() as s:
             status, headers, _ = await get(s, f"{base}/metrics")
-            assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+            assert status == 401
+            assert headers["WWW-Authenticate"].startswith("Bearer")
             status, _, body = await get(s, f"{base}/metrics", Authorization=f"Bearer {TOKEN}")
-            assert status == 200 and b"streamdqn_up" in body
+            assert status == 200
+            assert b"streamdqn_up" in body
             status, _, _ = await get(s, f"{base}/healthz")
             assert status == 200
         # protect_metrics without a token has nothing to check against: metrics stay open.
@@ -321,7 +341,8 @@ def test_path_attacks_never_leave_the_store(store: SnapshotStore, tmp_path: Path
                         assert OUTSIDE_MARKER not in await r.read()
                 # Control: the honest path still works.
                 async with s.get(f"{base}/snapshots/1/model.onnx") as r:
-                    assert r.status == 200 and OUTSIDE_MARKER not in await r.read()
+                    assert r.status == 200
+                    assert OUTSIDE_MARKER not in await r.read()
 
     run(test)
 

@@ -69,17 +69,21 @@ def _check(decoded: Decoded, payload: bytes) -> None:
     assert len(decoded.events) == len(decoded.indices)
     whole = [r for r in decoded.rejects if r.position < 0]
     if whole:  # the message as a whole was refused: nothing in it became an event
-        assert len(decoded.rejects) == 1 and not decoded.events
+        assert len(decoded.rejects) == 1
+        assert not decoded.events
         return
     rejected = [r.position for r in decoded.rejects]
-    assert len(set(rejected)) == len(rejected) and not set(rejected) & set(decoded.indices)
+    assert len(set(rejected)) == len(rejected)
+    assert not set(rejected) & set(decoded.indices)
     covered = sorted([*rejected, *decoded.indices])
     assert covered == list(range(len(covered)))
     # What reaches featurization is finite and in range, whatever came in.
     raw = raw_matrix(decoded.events)
-    assert np.isfinite(raw).all() and (raw >= 0).all()
+    assert np.isfinite(raw).all()
+    assert (raw >= 0).all()
     for e in decoded.events:
-        assert 0.0 <= e.severity <= 1.0 and (e.reward is None or math.isfinite(e.reward))
+        assert 0.0 <= e.severity <= 1.0
+        assert (e.reward is None or math.isfinite(e.reward))
         assert e.action is None or 0 <= e.action <= 4
 
 
@@ -117,7 +121,8 @@ def test_the_batch_fast_path_never_raises_and_accounts_for_every_record(
         values.append(payload if payload is not None else b"\x00")
         types.append(f"application/{fmt}" if with_content_type else None)
     batch = decode_batch(values, types, max_bytes=MAX_BYTES, max_events=MAX_EVENTS)
-    assert np.all(np.diff(batch.origin) >= 0) and len(batch.origin) == batch.events.size
+    assert np.all(np.diff(batch.origin) >= 0)
+    assert len(batch.origin) == batch.events.size
     for r, value in enumerate(values):  # each record: exactly what decoding it alone gives
         alone = decode(value, types[r], max_bytes=MAX_BYTES, max_events=MAX_EVENTS)
         mine = batch.origin == r

@@ -140,5 +140,6 @@ def test_features_are_finite_float32_for_any_valid_events(batch: list[list[dict[
     for episode in batch:
         raw, step = as_arrays(episode)
         x = featurize_episode(raw, step)
-        assert x.shape == (len(raw), FEATURE_DIM) and x.dtype == np.float32
+        assert x.shape == (len(raw), FEATURE_DIM)
+        assert x.dtype == np.float32
         assert np.isfinite(x).all()

@@ -42,10 +42,14 @@ def test_save_then_load_round_trips_with_weights_only(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
     loaded = store.load_latest()
-    assert loaded is not None and loaded.sequence == 1 and loaded.path == path
-    assert loaded.state["format"] == FORMAT and loaded.state["sequence"] == 1
+    assert loaded is not None
+    assert loaded.sequence == 1
+    assert loaded.path == path
+    assert loaded.state["format"] == FORMAT
+    assert loaded.state["sequence"] == 1
     assert torch.equal(loaded.state["weights"]["w"], torch.full((2, 3), 1.0))
-    assert loaded.state["history"] == [1.5, 2.5, None] and loaded.state["name"] == "ckpt 1"
+    assert loaded.state["history"] == [1.5, 2.5, None]
+    assert loaded.state["name"] == "ckpt 1"
     # The file is a plain torch.save that a weights_only load accepts.
     assert torch.load(path, weights_only=True)["updates"] == 1
 
@@ -65,7 +69,9 @@ def test_truncated_newest_is_skipped_for_the_previous_one(tmp_path: Path) -> Non
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(newest)
     loaded = store.load_latest()
-    assert loaded is not None and loaded.sequence == 1 and loaded.state["updates"] == 1
+    assert loaded is not None
+    assert loaded.sequence == 1
+    assert loaded.state["updates"] == 1
 
 
 def test_empty_newest_is_skipped(tmp_path: Path) -> None:
@@ -73,7 +79,8 @@ def test_empty_newest_is_skipped(tmp_path: Path) -> None:
     store.save(state(1))
     store.path_of(2).write_bytes(b"")
     loaded = store.load_latest()
-    assert loaded is not None and loaded.sequence == 1
+    assert loaded is not None
+    assert loaded.sequence == 1
 
 
 def test_a_pickled_object_is_refused_and_never_runs(tmp_path: Path) -> None:
@@ -84,7 +91,8 @@ def test_a_pickled_object_is_refused_and_never_runs(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError):
         load_checkpoint(store.path_of(2))
     loaded = store.load_latest()
-    assert loaded is not None and loaded.sequence == 1
+    assert loaded is not None
+    assert loaded.sequence == 1
     assert not marker.exists()
 
 
@@ -105,7 +113,9 @@ def test_retention_keeps_the_newest(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt")) == ["ckpt-0000000004.pt", "ckpt-0000000005.pt"]
     loaded = store.load_latest()
-    assert loaded is not None and loaded.sequence == 5 and loaded.state["updates"] == 5
+    assert loaded is not None
+    assert loaded.sequence == 5
+    assert loaded.state["updates"] == 5
     assert (tmp_path / "notes.txt").exists()
     # A store opened later on the same directory continues the numbering.
     assert CheckpointStore(tmp_path, keep=2).save(state(6)).name == "ckpt-0000000006.pt"

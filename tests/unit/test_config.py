@@ -27,7 +27,8 @@ def toml(tmp_path: Path, text: str) -> Path:
 def test_defaults_without_a_file() -> None:
     settings = load_settings()
     assert settings.model_dump() == Settings().model_dump()
-    assert settings.learner.hidden == (256, 256) and settings.kafka.topic == "sandbox-telemetry"
+    assert settings.learner.hidden == (256, 256)
+    assert settings.kafka.topic == "sandbox-telemetry"
 
 
 def test_toml_sets_nested_values(tmp_path: Path) -> None:
@@ -35,8 +36,10 @@ def test_toml_sets_nested_values(tmp_path: Path) -> None:
         tmp_path, '[learner]\nlr = 0.5\nhidden = [32, 16]\n\n[kafka]\ntopic = "t1"\n\n[log]\njson = true\n'
     )
     settings = load_settings(path)
-    assert settings.learner.lr == 0.5 and settings.learner.hidden == (32, 16)
-    assert settings.kafka.topic == "t1" and settings.log.json_format is True
+    assert settings.learner.lr == 0.5
+    assert settings.learner.hidden == (32, 16)
+    assert settings.kafka.topic == "t1"
+    assert settings.log.json_format is True
     assert settings.learner.gamma == 0.99  # untouched keys keep their defaults
 
 
@@ -50,8 +53,10 @@ def test_environment_overrides_the_file_with_double_underscore_nesting(
     monkeypatch.setenv("STREAMDQN_LEARNER__DOUBLE_DQN", "false")
     monkeypatch.setenv("STREAMDQN_TANSU", "/opt/tansu")  # another component's variable: not a setting
     settings = load_settings(path)
-    assert settings.learner.lr == 0.25 and settings.kafka.topic == "from-env"
-    assert settings.learner.hidden == (8, 8) and settings.learner.double_dqn is False
+    assert settings.learner.lr == 0.25
+    assert settings.kafka.topic == "from-env"
+    assert settings.learner.hidden == (8, 8)
+    assert settings.learner.double_dqn is False
     assert settings.learner.batch_size == 32  # from the file
     assert load_settings(path, learner={"lr": 0.125}).learner.lr == 0.125  # explicit overrides win
 
@@ -76,7 +81,8 @@ def test_unknown_key_or_bad_value_in_the_file_names_the_key(tmp_path: Path, text
     with pytest.raises(ConfigError) as info:
         load_settings(toml(tmp_path, text))
     message = str(info.value)
-    assert key in message and str(tmp_path) in message
+    assert key in message
+    assert str(tmp_path) in message
     assert "STREAMDQN_" + key.replace(".", "__").upper() in message  # and how to set it from the environment
 
 

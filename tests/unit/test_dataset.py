@@ -26,5 +26,6 @@ def test_split_episodes_groups_orders_and_keeps_first_duplicate() -> None:
     assert [(e.sandbox_id, e.episode_id, len(e)) for e in episodes] == [("b", "2", 2), ("sb", "1", 2)]
     assert [e.step for e in episodes[1].events] == [0, 1]
     assert episodes[1].events[0].syscall_count == 5
-    assert episodes[0].malicious and episodes[0].severity == 0.9
+    assert episodes[0].malicious
+    assert episodes[0].severity == 0.9
     assert episodes[0].features.shape == (2, len(FEATURE_NAMES))

@@ -81,11 +81,13 @@ def summary(rows: ReplayRows) -> list[tuple[int, int, int, float]]:
 def test_one_row_per_step_with_every_actions_target() -> None:
     tracker = tracker_of()
     rows, rejects = feed(tracker, [ev(1, 0), ev(1, 1), ev(1, 2, final=True)])
-    assert rejects == [] and tracker.open_episodes == 0
+    assert rejects == []
+    assert tracker.open_episodes == 0
     assert summary(rows) == [(0, 1, 1, -0.05), (1, 2, 1, -0.05), (2, -1, 0, -1.0)]
     assert rows.known.all()
     np.testing.assert_allclose(rows.rewards[:, 1:], [responses(True, 0.5)] * 3)
-    assert rows.table_mask.tolist() == [0b11111] * 3 and (rows.logged_action == -1).all()
+    assert rows.table_mask.tolist() == [0b11111] * 3
+    assert (rows.logged_action == -1).all()
 
 
 def test_benign_episode_let_run_to_the_end_earns_half() -> None:
@@ -111,16 +113,20 @@ def test_a_carried_out_logged_response_censors_the_episode() -> None:
     assert summary(rows) == [(0, 1, 1, -0.05), (1, -1, 0, 0.0)]  # ...but yield no rows
     # What waiting at step 1 would have earned is unknown: the sandbox did not wait.
     assert rows.known[1].tolist() == [False, True, True, True, True]
-    assert rows.logged_action.tolist() == [-1, TERMINATE] and rows.action_prob[1] == pytest.approx(0.5)
+    assert rows.logged_action.tolist() == [-1, TERMINATE]
+    assert rows.action_prob[1] == pytest.approx(0.5)
     later, rejects = feed(tracker, [ev(1, 3, final=True)])
-    assert rejects == [] and later.size == 0 and tracker.open_episodes == 0
+    assert rejects == []
+    assert later.size == 0
+    assert tracker.open_episodes == 0
 
 
 def test_a_shadow_decision_is_logged_but_the_episode_goes_on() -> None:
     tracker = tracker_of()
     rows, _ = feed(tracker, [ev(1, 0), ev(1, 1, action="contain", shadow=True), ev(1, 2, final=True)])
     assert summary(rows) == [(0, 1, 1, -0.05), (1, 2, 1, -0.05), (2, -1, 0, -1.0)]
-    assert rows.known.all() and rows.logged_action.tolist() == [-1, CONTAIN, -1]
+    assert rows.known.all()
+    assert rows.logged_action.tolist() == [-1, CONTAIN, -1]
 
 
 def test_the_logged_reward_replaces_the_tables_for_the_logged_action_only() -> None:
@@ -191,7 +197,8 @@ def test_idle_timeout_ends_the_episode_with_the_last_step_as_final(
 ) -> None:
     tracker = tracker_of(idle_timeout=10.0)
     feed(tracker, [ev(1, 0, is_malicious=malicious, severity=0.8 if malicious else 0.0)], now=100.0)
-    assert tracker.expire(110.0).all_rows.size == 0 and tracker.open_episodes == 1
+    assert tracker.expire(110.0).all_rows.size == 0
+    assert tracker.open_episodes == 1
     expired = tracker.expire(110.5)
     assert summary(expired.all_rows) == [(0, -1, 0, final_reward)]
     assert [f.label.malicious for f in expired.finished] == [malicious]
@@ -212,7 +219,8 @@ def test_events_of_a_closed_episode_are_rejected() -> None:
     feed(tracker, [ev(1, 0, final=True)])
     rows, rejects = feed(tracker, [ev(1, 1), ev("1", 2), ev(1, 0, sandbox="other")])
     assert rejects == [(0, REASON_EPISODE_CLOSED), (1, REASON_EPISODE_CLOSED)]  # 1 and "1": the same episode
-    assert rows.size == 0 and tracker.open_episodes == 1  # another sandbox's episode 1 is another episode
+    assert rows.size == 0
+    assert tracker.open_episodes == 1
 
 
 def test_an_unlabelled_episode_waits_for_its_label_then_yields_its_rows() -> None:
@@ -220,7 +228,8 @@ def test_an_unlabelled_episode_waits_for_its_label_then_yields_its_rows() -> Non
     rows, _ = feed(tracker, [unlabelled(1, 0), unlabelled(1, 1)])
     assert rows.size == 0
     episode = tracker.episode(("sb", "1"))
-    assert episode is not None and episode.waiting.size == 2
+    assert episode is not None
+    assert episode.waiting.size == 2
     emitted = tracker.label(episode, Label(False, 0.0, "verdict", 0), over=False)
     assert summary(emitted.all_rows) == [(0, 1, 1, 0.0)]
     rows, _ = feed(tracker, [unlabelled(1, 2, final=True)])
@@ -256,7 +265,8 @@ def test_drop_partitions_forgets_their_open_episodes() -> None:
     feed(tracker, [ev(1, 0, sandbox="a"), ev(2, 0, sandbox="b"), ev(3, 0, sandbox="c")], partitions=[0, 1, 0])
     assert tracker.drop_partitions({0}) == 2
     assert tracker.open_episodes == 1
-    assert len(tracker.close_all().finished) == 1 and tracker.open_episodes == 0
+    assert len(tracker.close_all().finished) == 1
+    assert tracker.open_episodes == 0
 
 
 def through_checkpoint(state: TrackerState) -> TrackerState:

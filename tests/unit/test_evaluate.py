@@ -222,7 +222,8 @@ def test_each_metric_on_a_crafted_set() -> None:
 
 def test_rates_without_episodes_of_a_class_are_none() -> None:
     metrics, _ = evaluate_policy(always_ignore, _episodes(_records(1, 3, **BENIGN)), TABLE)
-    assert metrics.detection_rate is None and metrics.missed_rate is None
+    assert metrics.detection_rate is None
+    assert metrics.missed_rate is None
     assert metrics.false_positive_rate == 0.0
     assert metrics.mean_steps_to_response is None
 
@@ -233,7 +234,8 @@ def test_rates_without_episodes_of_a_class_are_none() -> None:
 def test_always_ignore_detects_nothing(simulated: list[EpisodeData]) -> None:
     metrics, decisions = evaluate_policy(always_ignore, simulated, TABLE)
     assert metrics.malicious_episodes > 0
-    assert metrics.detection_rate == 0.0 and metrics.missed_rate == 1.0
+    assert metrics.detection_rate == 0.0
+    assert metrics.missed_rate == 1.0
     assert all(d.action == "ignore" and d.step is None for d in decisions)
 
 
@@ -241,7 +243,8 @@ def test_review_at_step0_reviews_every_episode_on_its_first_row() -> None:
     episodes = _episodes([*_records(1, 3, first_step=5, **BENIGN), *_records(2, 4, **MAL_MID)])
     metrics, decisions = evaluate_policy(review_at_step0, episodes, TABLE)
     assert [(d.action, d.step) for d in decisions] == [("review", 5), ("review", 0)]
-    assert metrics.benign_review_rate == 1.0 and metrics.mean_steps_to_response == 0.0
+    assert metrics.benign_review_rate == 1.0
+    assert metrics.mean_steps_to_response == 0.0
 
 
 def test_random_policy_is_seeded_and_uniform() -> None:
@@ -305,7 +308,8 @@ def test_logistic_baseline_fits_separable_data_and_tunes_its_threshold() -> None
     logistic, _ = evaluate_policy(baseline, episodes, TABLE)
     ignore, _ = evaluate_policy(always_ignore, episodes, TABLE)
     assert logistic.mean_return > ignore.mean_return
-    assert logistic.detection_rate == 1.0 and logistic.false_positive_rate == 0.0
+    assert logistic.detection_rate == 1.0
+    assert logistic.false_positive_rate == 0.0
     again = fit_logistic_baseline(episodes, TABLE, seed=0)
     np.testing.assert_array_equal(again.weights, baseline.weights)
     assert again.threshold == baseline.threshold
@@ -384,10 +388,14 @@ def test_evaluate_is_deterministic_and_complete(
     report = first.as_dict()
     json.dumps(report, allow_nan=False)
     assert tuple(report["metrics"]) == POLICY_NAMES
-    assert report["rejects"] == 1 and report["episodes"] == 40 and report["snapshot_version"] == 2
-    assert report["fit_episodes"] == 12 and report["evaluation_episodes"] == 28
+    assert report["rejects"] == 1
+    assert report["episodes"] == 40
+    assert report["snapshot_version"] == 2
+    assert report["fit_episodes"] == 12
+    assert report["evaluation_episodes"] == 28
     # One decision for every episode of the file, in file order, ids exactly as they came in.
-    assert len(first.decisions) == 40 and sum(d.fit_baseline for d in first.decisions) == 12
+    assert len(first.decisions) == 40
+    assert sum(d.fit_baseline for d in first.decisions) == 12
     assert [(d.sandbox_id, d.episode_id) for d in first.decisions] == _episode_ids_in(events_file)
     m = first.metrics
     assert all(m["oracle"].mean_return >= x.mean_return for x in m.values())
@@ -399,7 +407,8 @@ def test_evaluate_is_deterministic_and_complete(
         (m["streamdqn"].mean_return - m[best].mean_return) / (m["oracle"].mean_return - m[best].mean_return)
     )
     text = format_report(first)
-    assert all(name in text for name in POLICY_NAMES) and "gap closed" in text
+    assert all(name in text for name in POLICY_NAMES)
+    assert "gap closed" in text
 
     other_split = evaluate(root, events_file, seed=4)
 

@@ -46,7 +46,8 @@ def test_feature_values_of_a_hand_made_episode() -> None:
         {"syscall_count": 0, "bytes_sent": 0, "cpu_usage": 30.0, "memory_usage": 0.0},
     )
     x = featurize_episode(raw, np.array([0.0, 1.0, 2.0]))
-    assert x.shape == (3, FEATURE_DIM) and x.dtype == np.float32
+    assert x.shape == (3, FEATURE_DIM)
+    assert x.dtype == np.float32
     expect = {
         "log_syscall_count": [math.log(10), math.log(100), 0.0],
         "cpu_fraction": [0.5, 0.1, 0.3],
@@ -123,7 +124,8 @@ def test_normalizer_matches_numpy_over_many_batches() -> None:
     np.testing.assert_allclose(norm.mean, data.mean(axis=0), rtol=1e-10)
     np.testing.assert_allclose(norm.var, data.var(axis=0), rtol=1e-9)
     z = norm.normalize(data)
-    assert z.dtype == np.float32 and np.abs(z).max() <= norm.clip
+    assert z.dtype == np.float32
+    assert np.abs(z).max() <= norm.clip
     np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-5)
 
 

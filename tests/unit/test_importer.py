@@ -109,7 +109,8 @@ def test_cape_report_steps_by_call_count() -> None:
     assert {(e["is_malicious"], e["severity"]) for e in events} == {(True, 0.75)}  # malscore 7.5 / 10
     assert events[3]["syscall_types"][0] in {"NtCreateKey", "LookupPrivilegeValueW", "NtMapViewOfSection"}
     assert {e["cpu_usage"] for e in events} == {e["memory_usage"] for e in events} == {0.0}
-    assert {e["source"] for e in events} == {"sandbox-report"} and events[0]["sha256"] == CAPE_SHA
+    assert {e["source"] for e in events} == {"sandbox-report"}
+    assert events[0]["sha256"] == CAPE_SHA
 
 
 def test_cape_report_steps_by_time_window() -> None:
@@ -326,7 +327,8 @@ def test_import_cape_skips_and_counts_bad_reports(tmp_path: Path) -> None:
     assert all(s.where.endswith(".json") and s.detail for s in imported.skipped)
     assert sum(e.label is None for e in imported.episodes) == 1
     inline = imported.labelled_only()
-    assert len(inline.episodes) == 2 and Counter(s.reason for s in inline.skipped)["unlabelled"] == 1
+    assert len(inline.episodes) == 2
+    assert Counter(s.reason for s in inline.skipped)["unlabelled"] == 1
 
 
 def test_duplicate_report_is_skipped(tmp_path: Path) -> None:
@@ -378,7 +380,8 @@ def test_inline_labels_decode_and_skip_unlabelled(tmp_path: Path) -> None:
     events = decode_cleanly(out)
     assert {e.episode_id for e in events} == {f"{CAPE_SHA[:16]}-t42", f"{CUCKOO_SHA[:16]}-t7"}
     line = summary.line()
-    assert "1 malicious, 1 benign, 0 unlabelled; 5 reports skipped" in line and "1 unlabelled)" in line
+    assert "1 malicious, 1 benign, 0 unlabelled; 5 reports skipped" in line
+    assert "1 unlabelled)" in line
 
 
 def test_nothing_importable_raises_and_writes_nothing(tmp_path: Path) -> None:
@@ -387,7 +390,8 @@ def test_nothing_importable_raises_and_writes_nothing(tmp_path: Path) -> None:
         import_files("cape", [CAPE], out)
     with pytest.raises(TraceImportError, match="no episodes to write"):
         import_files("cape", [write_json(tmp_path / "x.json", {})], out, verdicts_out=tmp_path / "v.jsonl")
-    assert not out.exists() and not (tmp_path / "v.jsonl").exists()
+    assert not out.exists()
+    assert not (tmp_path / "v.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -425,7 +429,8 @@ def test_malbehavd_rows_become_episodes_of_n_names_per_step(tmp_path: Path) -> N
     assert {e["severity"] for e in events if e["is_malicious"]} == {importer.DEFAULT_MALICIOUS_SEVERITY}
     # one sandbox: its episodes run back to back, each after a setup gap, in timestamp order
     stamps = [e["timestamp"] for e in events]
-    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+    assert stamps == sorted(stamps)
+    assert len(set(stamps)) == len(stamps)
     assert [e["episode_id"] for e in events] == [e.episode_id for e in imported.episodes for _ in e.steps]
 
 

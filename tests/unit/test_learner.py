@@ -85,7 +85,8 @@ def test_td_loss_against_a_hand_computation(double_dqn: bool) -> None:
     assert loss.item() == pytest.approx(huber(q - y), rel=1e-6)
     np.testing.assert_allclose(td_abs.numpy(), np.abs(q - y), rtol=1e-6)
     np.testing.assert_allclose(q_max.numpy(), q_online_s.max(axis=1), rtol=1e-6)
-    assert not td_abs.requires_grad and loss.requires_grad
+    assert not td_abs.requires_grad
+    assert loss.requires_grad
     # The done row's target is its reward alone: whatever its next state's value is.
     assert abs(td_abs[2].item()) == pytest.approx(abs(q[2] - 2.0))
 
@@ -124,7 +125,8 @@ def test_a_few_hundred_updates_learn_the_right_q_ordering() -> None:
     two_state_mdp(buffer)
     losses = [learner.update(buffer.sample(settings.batch_size)).loss for _ in range(200)]
     q = learner.q_values(np.array([S0, S1], dtype=np.float32))
-    assert q[0, 0] > q[0, 1] and q[1, 0] > q[1, 1]
+    assert q[0, 0] > q[0, 1]
+    assert q[1, 0] > q[1, 1]
     np.testing.assert_allclose(q, [[1.8, 1.0], [2.0, -1.0]], atol=0.05)
     assert np.mean(losses[-20:]) < 0.1 * np.mean(losses[:20])
     assert learner.counters.updates == 200
@@ -192,7 +194,8 @@ def test_exploration_follows_epsilon() -> None:
     assert random_only.act(np.zeros((0, 2), np.float32)).shape == (0,)
     mostly_ignore = DQNLearner(uniform.model_copy(update={"explore_ignore_probability": 0.8}), 2, 5)
     counts = np.bincount(mostly_ignore.act(states), minlength=5)
-    assert 1500 < counts[0] < 1700 and counts[1:].min() > 60  # 80 % ignore, the rest uniform over responses
+    assert 1500 < counts[0] < 1700
+    assert counts[1:].min() > 60
     default = LearnerSettings().explore_ignore_probability
     watching = DQNLearner(uniform.model_copy(update={"explore_ignore_probability": default}), 2, 5)
     assert (watching.act(states) == 0).all()  # the default explores by watching longer
@@ -273,7 +276,8 @@ def test_cuda_graph_setting_changes_nothing_on_the_cpu() -> None:
     settings = LearnerSettings(hidden=(8,), lr=1e-2, target_update_interval=4, device="cpu", seed=5)
     graphed = DQNLearner(settings, 2, 2)
     eager = DQNLearner(settings.model_copy(update={"cuda_graph": False}), 2, 2)
-    assert graphed.graphed_step is None and eager.graphed_step is None
+    assert graphed.graphed_step is None
+    assert eager.graphed_step is None
     buffer = ReplayBuffer(64, 2, "cpu", seed=5)
     two_state_mdp(buffer)
     for _ in range(30):
@@ -321,12 +325,14 @@ def test_the_cuda_graph_update_matches_the_eager_one(tau: float, weight_decay: f
     )
     graphed = DQNLearner(settings, 2, 2)
     eager = DQNLearner(settings.model_copy(update={"cuda_graph": False}), 2, 2)
-    assert graphed.graphed_step is not None and eager.graphed_step is None
+    assert graphed.graphed_step is not None
+    assert eager.graphed_step is None
     # Two batch sizes, and back: each gets its own graph, and all of them step the same optimizer state.
     first = cuda_samples(7, [16] * 15 + [32] * 10 + [16] * 5)
     for batch in first:
         np.testing.assert_allclose(graphed.update(batch), eager.update(batch), rtol=1e-5, atol=1e-6)
-    assert graphed.graphed_step.captured and graphed.graphed_step.error is None
+    assert graphed.graphed_step.captured
+    assert graphed.graphed_step.error is None
     assert_same_learner(graphed, eager, atol=1e-6, rtol=1e-5)
 
     # Checkpoints either way round: the graphed learner restored from an eager one captures anew.
@@ -340,7 +346,8 @@ def test_the_cuda_graph_update_matches_the_eager_one(tau: float, weight_decay: f
         for learner in (graphed, from_eager, from_graphed):
             np.testing.assert_allclose(learner.update(batch), expected, rtol=1e-5, atol=1e-6)
     for learner in (graphed, from_eager, from_graphed):
-        assert learner.graphed_step is not None and learner.graphed_step.captured
+        assert learner.graphed_step is not None
+        assert learner.graphed_step.captured
         assert learner.optimizer.param_groups[0]["capturable"]
         assert_same_learner(learner, eager, atol=1e-6, rtol=1e-5)
     assert eager.counters.updates == 55
@@ -360,7 +367,8 @@ def test_a_failed_capture_falls_back_to_eager_updates(
     with caplog.at_level("WARNING", logger="streamdqn.learning.graphs"):
         for batch in cuda_samples(9, [16] * 12 + [32] * 3):
             np.testing.assert_allclose(graphed.update(batch), eager.update(batch), rtol=1e-5, atol=1e-6)
-    assert graphed.graphed_step is not None and not graphed.graphed_step.captured
+    assert graphed.graphed_step is not None
+    assert not graphed.graphed_step.captured
     assert graphed.graphed_step.error == "RuntimeError: capture refused"
     assert [r.getMessage() for r in caplog.records if r.name == "streamdqn.learning.graphs"] == [
         "CUDA graph capture failed; updates run eagerly from now on: RuntimeError: capture refused"

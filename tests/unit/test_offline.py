@@ -62,7 +62,8 @@ def test_train_returns_agent_rewards_losses_and_writes_checkpoint_and_snapshot(
     latest = tmp_path / "snapshots" / LATEST
     manifest = json.loads((latest / MANIFEST_FILE).read_text())
     model = (latest / MODEL_FILE).read_bytes()
-    assert manifest["version"] == 1 and manifest["created_at"] > 0
+    assert manifest["version"] == 1
+    assert manifest["created_at"] > 0
     assert manifest["updates"] == agent.learner.counters.updates
     assert manifest["events_learned"] >= 30  # every episode had events
     assert manifest["transitions_learned"] > 0
@@ -75,12 +76,14 @@ def test_train_returns_agent_rewards_losses_and_writes_checkpoint_and_snapshot(
     )
     assert manifest["reward_table"] == RewardTable().as_dict()
     normalizer = manifest["normalizer"]
-    assert normalizer["count"] > 0 and len(normalizer["mean"]) == len(normalizer["std"]) == len(FEATURE_NAMES)
+    assert normalizer["count"] > 0
+    assert len(normalizer["mean"]) == len(normalizer["std"]) == len(FEATURE_NAMES)
     # The normalizer in the manifest is the one baked into the model's graph.
     np.testing.assert_allclose(normalizer["mean"], agent.normalizer.mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(normalizer["std"], agent.normalizer.std, rtol=1e-6, atol=1e-6)
     assert parse_manifest((latest / MANIFEST_FILE).read_bytes(), "offline").schema_version == SCHEMA_VERSION
-    assert manifest["evaluation"] and all(isinstance(v, dict) for v in manifest["evaluation"].values())
+    assert manifest["evaluation"]
+    assert all(isinstance(v, dict) for v in manifest["evaluation"].values())
     assert {"streamdqn", "torch", "numpy", "onnx", "onnxruntime"} <= set(manifest["packages"])
 
 

@@ -55,7 +55,8 @@ def test_a_mixed_batch_is_accounted_for_record_by_record() -> None:
     assert sorted(letters) == [1, 2, 3, 4]
     assert letters[1].record.value == records[1].value  # the original bytes
     assert letters[1].detail.startswith("[1] severity")  # the position inside its message, the field
-    assert letters[4].reason == REASON_VALIDATION and "step" in letters[4].detail
+    assert letters[4].reason == REASON_VALIDATION
+    assert "step" in letters[4].detail
     assert outcome.next_offsets == {("t", 0): 5, ("t", 1): 4}
     assert sum(b.size for b in pushed) == outcome.transitions == 2  # steps 0, 1 (step 2 waits for step 3)
 
@@ -71,5 +72,7 @@ def test_the_rate_cap_rejects_a_sources_excess_by_position() -> None:
     assert outcome.events == 4  # host-1: 3 of 5, host-2: 1
     assert outcome.rejected == Counter({REASON_RATE_LIMITED: 2})
     (letter,) = outcome.dead_letters
-    assert letter.record.offset == 1 and letter.detail.count(REASON_RATE_LIMITED) == 0
-    assert letter.detail.startswith("[1] per-source") and "[2] per-source" in letter.detail
+    assert letter.record.offset == 1
+    assert letter.detail.count(REASON_RATE_LIMITED) == 0
+    assert letter.detail.startswith("[1] per-source")
+    assert "[2] per-source" in letter.detail

@@ -128,8 +128,10 @@ def test_the_mlp_reference_is_a_policy(data: tuple[list[EpisodeData], list[Episo
     reference = refs.fit_reference("mlp", refs.mlp_fitter(REWARDS, max_steps=100), train, REWARDS, 0, folds=2)
     batch = EpisodeBatch.of(evaluation)
     actions = reference(batch.features)
-    assert actions.shape == (batch.rows,) and actions.dtype == np.int64
-    assert actions.min() >= 0 and actions.max() < len(Action)
+    assert actions.shape == (batch.rows,)
+    assert actions.dtype == np.int64
+    assert actions.min() >= 0
+    assert actions.max() < len(Action)
     assert "steps kept by early stopping" in refs.describe(reference)
 
 

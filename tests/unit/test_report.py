@@ -28,7 +28,8 @@ def test_history_round_trip_skips_a_torn_line_and_keeps_nan(tmp_path: Path) -> N
         f.write('{"time": 3, "eve')  # a crash mid-append
     points = read_history(tmp_path)
     assert len(points) == 4
-    assert math.isnan(points[-1].episode_return) and points[0].events == 0
+    assert math.isnan(points[-1].episode_return)
+    assert points[0].events == 0
 
 
 def test_report_png_has_size_and_is_not_blank(tmp_path: Path) -> None:
@@ -36,7 +37,8 @@ def test_report_png_has_size_and_is_not_blank(tmp_path: Path) -> None:
     out = tmp_path / "report.png"
     assert main(["report", "--state", str(tmp_path), "--out", str(out)]) == 0
     pixels = image.imread(out)
-    assert pixels.shape[0] >= 600 and pixels.shape[1] >= 600
+    assert pixels.shape[0] >= 600
+    assert pixels.shape[1] >= 600
     # Not blank: plenty of pixels differ from the background colour.
     background = pixels[0, 0]
     differs = np.abs(pixels - background).sum(axis=-1) > 0.1

@@ -66,11 +66,16 @@ def test_ignore_rewards(severity: float) -> None:
 
 def test_severity_boundaries_at_exactly_one_third_and_two_thirds() -> None:
     below_third, below_two_thirds = np.nextafter(1 / 3, 0), np.nextafter(2 / 3, 0)
-    assert reward(CONTAIN, True, below_third) == 1.0 and reward(CONTAIN, True, 1 / 3) == 0.6
-    assert reward(CONTAIN, True, below_two_thirds) == 0.6 and reward(CONTAIN, True, 2 / 3) == 0.3
-    assert reward(TERMINATE, True, below_third) == 0.7 and reward(TERMINATE, True, 1 / 3) == 1.0
-    assert reward(TERMINATE, True, below_two_thirds) == 1.0 and reward(TERMINATE, True, 2 / 3) == 0.7
-    assert reward(QUARANTINE, True, below_two_thirds) == 0.7 and reward(QUARANTINE, True, 2 / 3) == 1.0
+    assert reward(CONTAIN, True, below_third) == 1.0
+    assert reward(CONTAIN, True, 1 / 3) == 0.6
+    assert reward(CONTAIN, True, below_two_thirds) == 0.6
+    assert reward(CONTAIN, True, 2 / 3) == 0.3
+    assert reward(TERMINATE, True, below_third) == 0.7
+    assert reward(TERMINATE, True, 1 / 3) == 1.0
+    assert reward(TERMINATE, True, below_two_thirds) == 1.0
+    assert reward(TERMINATE, True, 2 / 3) == 0.7
+    assert reward(QUARANTINE, True, below_two_thirds) == 0.7
+    assert reward(QUARANTINE, True, 2 / 3) == 1.0
 
 
 def test_best_action_is_the_severity_matched_response() -> None:
@@ -86,4 +91,5 @@ def test_best_action_is_the_severity_matched_response() -> None:
 
 def test_as_dict_is_json_like() -> None:
     d = TABLE.as_dict()
-    assert d["contain_malicious"] == [1.0, 0.6, 0.3] and d["review_benign"] == -0.2
+    assert d["contain_malicious"] == [1.0, 0.6, 0.3]
+    assert d["review_benign"] == -0.2

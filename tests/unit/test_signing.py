@@ -78,7 +78,8 @@ def test_sign_and_verify_roundtrip(algorithm: str, ed_keys: tuple[Path, Path], h
     sign_key, verify_key = (ed_keys if algorithm == "ed25519" else (hmac_file, hmac_file))
     signer = load_signer(algorithm, str(sign_key))
     verifier = load_verifier(algorithm, str(verify_key))
-    assert signer is not None and verifier is not None
+    assert signer is not None
+    assert verifier is not None
     assert signer.algorithm == verifier.algorithm == algorithm
     manifest = _signed(_manifest(), signer)
     verify_manifest(manifest, verifier)

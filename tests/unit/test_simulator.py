@@ -107,7 +107,8 @@ def test_different_seeds_give_different_output() -> None:
 def test_every_event_has_the_wire_fields_with_valid_types_and_ranges(events: list[Event]) -> None:
     for event in events:
         assert set(event) == ALL_FIELDS
-        assert isinstance(event["sandbox_id"], str) and event["sandbox_id"].startswith("sbx-")
+        assert isinstance(event["sandbox_id"], str)
+        assert event["sandbox_id"].startswith("sbx-")
         for field in ("episode_id", "step", *COUNT_FIELDS):
             assert type(event[field]) is int, field
             assert event[field] >= 0, field  # type: ignore[operator]
@@ -122,7 +123,8 @@ def test_every_event_has_the_wire_fields_with_valid_types_and_ranges(events: lis
         assert number(event, "memory_usage") >= 0.0
         assert event["family"] in BENIGN_KINDS + MALWARE_FAMILIES
         syscalls = event["syscall_types"]
-        assert isinstance(syscalls, list) and 1 <= len(syscalls) <= 3
+        assert isinstance(syscalls, list)
+        assert 1 <= len(syscalls) <= 3
         assert all(isinstance(name, str) and name.startswith("Nt") for name in syscalls)
 
 
@@ -159,7 +161,8 @@ def test_stream_is_in_timestamp_order_and_each_sandbox_in_step_order(
 
     for episode in episodes.values():
         gaps = np.diff([number(e, "timestamp") for e in episode])
-        assert np.all(gaps >= 1.0 - 1e-3) and np.all(gaps <= 5.0 + 1e-3)
+        assert np.all(gaps >= 1.0 - 1e-3)
+        assert np.all(gaps <= 5.0 + 1e-3)
 
 
 def test_the_stream_interleaves_sandboxes(events: list[Event]) -> None:
@@ -201,15 +204,18 @@ def test_severity_is_zero_for_benign_and_spans_all_thirds_for_malware(
     malicious = np.concatenate([severities[f] for f in MALWARE_FAMILIES])
     thirds = np.histogram(malicious, bins=[0.0, 1 / 3, 2 / 3, 1.0 + 1e-9])[0]
     assert np.all(thirds >= 0.1 * len(malicious)), thirds
-    assert min(severities["ransomware"]) >= 0.75 and min(severities["rootkit"]) >= 0.8
-    assert max(severities["cryptominer"]) <= 0.35 and max(severities["adware"]) <= 0.3
+    assert min(severities["ransomware"]) >= 0.75
+    assert min(severities["rootkit"]) >= 0.8
+    assert max(severities["cryptominer"]) <= 0.35
+    assert max(severities["adware"]) <= 0.3
     assert 0.4 <= np.mean(severities["dropper"]) <= 0.7
 
 
 def test_every_benign_kind_is_present(episodes: dict[int, list[Event]]) -> None:
     kinds = {first(e)["family"] for e in episodes.values() if not first(e)["is_malicious"]}
     assert kinds == set(BENIGN_KINDS)
-    assert len(BENIGN_KINDS) >= 5 and len(MALWARE_FAMILIES) >= 6
+    assert len(BENIGN_KINDS) >= 5
+    assert len(MALWARE_FAMILIES) >= 6
 
 
 @pytest.mark.parametrize("family", sorted(KEY_SIGNAL))
@@ -222,7 +228,8 @@ def test_malicious_activity_ramps_up_over_the_episode(episodes: dict[int, list[E
             third = len(episode) // 3
             early += [number(e, field) for e in episode[:third]]
             late += [number(e, field) for e in episode[-third:]]
-    assert late and np.mean(late) > 1.2 * np.mean(early)
+    assert late
+    assert np.mean(late) > 1.2 * np.mean(early)
 
 
 def test_some_malware_sleeps_through_its_first_steps(episodes: dict[int, list[Event]]) -> None:

@@ -84,8 +84,10 @@ def test_outputs_names_dtypes_and_dynamic_batch(exported: tuple[QNetwork, bytes]
     ]
     for batch in (1, 257):
         q_values, action = session.run(["q_values", "action"], {"features": raw_inputs(batch)})
-        assert q_values.shape == (batch, N_ACTIONS) and q_values.dtype == np.float32
-        assert action.shape == (batch,) and action.dtype == np.int64
+        assert q_values.shape == (batch, N_ACTIONS)
+        assert q_values.dtype == np.float32
+        assert action.shape == (batch,)
+        assert action.dtype == np.int64
 
 
 def test_check_refuses_a_broken_or_mismatched_model(exported: tuple[QNetwork, bytes]) -> None:
@@ -101,21 +103,26 @@ def test_check_refuses_a_broken_or_mismatched_model(exported: tuple[QNetwork, by
 
 def test_versions_are_monotonic_and_latest_follows(tmp_path: Path) -> None:
     store = SnapshotStore(tmp_path, keep=10)
-    assert store.latest_version() is None and store.versions() == []
+    assert store.latest_version() is None
+    assert store.versions() == []
     with pytest.raises(SnapshotError, match="no snapshot"):
         store.read()
     published = [store.publish(f"model {i}".encode(), policy_info(updates=i)) for i in range(3)]
     assert [s.version for s in published] == [1, 2, 3]
     assert store.versions() == [1, 2, 3]
-    assert os.readlink(tmp_path / LATEST) == "3" and store.latest_version() == 3
+    assert os.readlink(tmp_path / LATEST) == "3"
+    assert store.latest_version() == 3
     assert (tmp_path / LATEST / MODEL_FILE).read_bytes() == b"model 2"
     snapshot = store.read()
-    assert snapshot.version == 3 and snapshot.manifest.updates == 2
+    assert snapshot.version == 3
+    assert snapshot.manifest.updates == 2
     assert snapshot.manifest.sha256 == hashlib.sha256(b"model 2").hexdigest()
-    assert snapshot.manifest.version == 3 and snapshot.manifest.created_at > 0
+    assert snapshot.manifest.version == 3
+    assert snapshot.manifest.created_at > 0
     # Not made latest: a new version number all the same, and latest stays.
     quiet = store.publish(b"candidate", policy_info(), make_latest=False)
-    assert quiet.version == 4 and store.latest_version() == 3
+    assert quiet.version == 4
+    assert store.latest_version() == 3
     # A store opened later continues from the highest version.
     assert SnapshotStore(tmp_path, keep=10).publish(b"m", policy_info()).version == 5
 
@@ -129,7 +136,8 @@ def test_retention_prunes_old_versions_but_never_latest(tmp_path: Path) -> None:
     for i in range(2):
         store.publish(f"c{i}".encode(), policy_info(), make_latest=False)
     assert store.latest_version() == 3
-    assert 3 in store.versions() and store.versions()[-2:] == [5, 6]
+    assert 3 in store.versions()
+    assert store.versions()[-2:] == [5, 6]
     assert (tmp_path / LATEST / MODEL_FILE).read_bytes() == b"m2"
     with pytest.raises(ValueError):
         SnapshotStore(tmp_path, keep=0)
@@ -146,8 +154,10 @@ def test_leftover_temp_dir_of_a_killed_writer_is_never_listed_and_cleaned(tmp_pa
     assert store.versions() == [1]
     assert store.publish(b"m2", policy_info()).version == 2
     reopened = SnapshotStore(tmp_path)
-    assert not leftover.exists() and not stale_link.is_symlink()
-    assert reopened.versions() == [1, 2] and reopened.latest_version() == 2
+    assert not leftover.exists()
+    assert not stale_link.is_symlink()
+    assert reopened.versions() == [1, 2]
+    assert reopened.latest_version() == 2
 
 
 def test_publish_snapshot_writes_a_checked_model_and_its_manifest(tmp_path: Path) -> None:
@@ -158,7 +168,8 @@ def test_publish_snapshot_writes_a_checked_model_and_its_manifest(tmp_path: Path
     manifest = json.loads((snapshot.path / MANIFEST_FILE).read_text())
     assert manifest == snapshot.manifest.as_dict()
     assert manifest["sha256"] == hashlib.sha256(model).hexdigest()
-    assert manifest["updates"] == 12 and manifest["version"] == 1
+    assert manifest["updates"] == 12
+    assert manifest["version"] == 1
     assert manifest["onnx"]["inputs"] == {"features": ["N", OBS_DIM]}
     assert 0 <= manifest["parity_max_abs_diff"] < PARITY_TOLERANCE
     assert {"torch", "numpy", "onnx", "onnxruntime"} <= set(manifest["packages"])

@@ -81,7 +81,8 @@ def test_json_nan_literal_parses_to_nan_and_is_still_rejected() -> None:
 def test_missing_field_is_rejected_naming_it() -> None:
     _, reason, detail = only_reject(decode_one(without(event_dict(), "cpu_usage")))
     assert reason == REASON_VALIDATION
-    assert "cpu_usage" in detail and "required" in detail.lower()
+    assert "cpu_usage" in detail
+    assert "required" in detail.lower()
 
 
 def test_extra_fields_are_ignored() -> None:
@@ -116,8 +117,10 @@ def test_int_count_accepted_for_float_field() -> None:
 def test_one_object_and_an_array_of_objects() -> None:
     single = decode(json.dumps(event_dict()).encode())
     many = decode(json.dumps([event_dict(step=0), event_dict(step=1)]).encode())
-    assert len(single.events) == 1 and single.indices == [0]
-    assert [e.step for e in many.events] == [0, 1] and many.indices == [0, 1]
+    assert len(single.events) == 1
+    assert single.indices == [0]
+    assert [e.step for e in many.events] == [0, 1]
+    assert many.indices == [0, 1]
 
 
 @pytest.mark.parametrize("content_type", ["application/msgpack", "application/x-msgpack", None])
@@ -172,7 +175,8 @@ def test_deeply_nested_msgpack_is_a_decode_reject() -> None:
 def test_garbage_is_a_reject_not_an_exception(body: bytes) -> None:
     decoded = decode(body)
     assert decoded.events == []
-    assert decoded.rejects and all(r.reason in (REASON_DECODE, REASON_SHAPE) for r in decoded.rejects)
+    assert decoded.rejects
+    assert all(r.reason in (REASON_DECODE, REASON_SHAPE) for r in decoded.rejects)
 
 
 def test_too_large_message_is_rejected_before_parsing() -> None:
@@ -244,7 +248,8 @@ def test_read_events_file_deeply_nested_array_is_a_reject(tmp_path: Path) -> Non
     path = tmp_path / "deep.json"
     path.write_bytes(b"[" * 100_000 + b"]" * 100_000)
     decoded = read_events_file(path)
-    assert decoded.events == [] and decoded.rejects[0].reason == REASON_DECODE
+    assert decoded.events == []
+    assert decoded.rejects[0].reason == REASON_DECODE
 
 
 # --- raw matrix ------------------------------------------------------------------------------------
@@ -253,6 +258,7 @@ def test_read_events_file_deeply_nested_array_is_a_reject(tmp_path: Path) -> Non
 def test_raw_matrix_lays_out_raw_fields_in_order() -> None:
     event = make_event(registry_modification=True, code_injection_detected=True)
     row = raw_matrix([event])
-    assert row.shape == (1, len(RAW_FIELDS)) and row.dtype == np.float64
+    assert row.shape == (1, len(RAW_FIELDS))
+    assert row.dtype == np.float64
     assert row[0].tolist() == [float(getattr(event, name)) for name in RAW_FIELDS]
     assert raw_matrix([]).shape == (0, len(RAW_FIELDS))
