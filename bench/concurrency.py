@@ -93,7 +93,8 @@ def learner_clock(runner: LearnerRunner) -> tuple[int, int | None]:
     """(pid, tid) whose CPU time is the learner's: its thread here, or its own process."""
     if isinstance(runner, ProcessRunner):
         return runner._process.pid, None
-    assert isinstance(runner, ThreadRunner) and runner._thread is not None
+    assert isinstance(runner, ThreadRunner)
+    assert runner._thread is not None
     return os.getpid(), runner._thread.native_id
 
 

@@ -160,7 +160,7 @@ def sb3_train(data: dict[str, np.ndarray], batch: int) -> tuple[Callable[[], obj
         import gymnasium as gym
         from stable_baselines3 import DQN
         from stable_baselines3.common.logger import configure
-    except Exception as exc:  # ImportError, or an incompatible build failing at import
+    except Exception as exc:  # noqa: BLE001 - ImportError, or an incompatible build failing at import
         return None, f"{type(exc).__name__}: {exc}"
 
     class TelemetryEnv(gym.Env):  # type: ignore[misc]

@@ -112,7 +112,7 @@ def run(smoke: bool) -> dict[str, Any]:
         fill(capacity, lambda b: rb.extend(as_td(b)))
         prebuilt = as_td(batch)
         peer_note = f"torchrl {version}: ReplayBuffer + LazyTensorStorage + RandomSampler"
-    except Exception as exc:  # ImportError, or a broken compiled extension failing at import
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken extension failing at import
         rb = None
         peer = "plain ring"
         peer_note = (

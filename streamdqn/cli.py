@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-alg", choices=["ed25519", "hmac-sha256"], default="ed25519")
     p.set_defaults(func=_pull)
 
-    p = sub.add_parser("report", help="draw training curves (return, loss, epsilon, snapshots) into a PNG")
+    p = sub.add_parser("report", help="draw training curves (return, loss, replay ratio, snapshots) as a PNG")
     p.add_argument("--state", type=Path, default=Path("state"), help="the state directory of a run")
     p.add_argument("--out", type=Path, default=Path("report.png"))
     p.set_defaults(func=_report)

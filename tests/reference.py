@@ -98,7 +98,7 @@ def reference_decode(payload: bytes, content_type: str | None, max_bytes: int, m
         is_json = False
     try:
         value = json.loads(payload) if is_json else msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the reference counts any decoder failure as a decode error
         return [], [(-1, "decode_error", "")]
     records = value if isinstance(value, list) else [value]
     if len(records) > max_events:

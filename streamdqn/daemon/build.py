@@ -94,13 +94,15 @@ class KafkaClients:
 
 @dataclass
 class GivenClients:
-    """A source and sink handed in (tests, tools): opened as they are."""
+    """A source and sink handed in (tests, tools); the source resumes at the checkpoint's offsets."""
 
     source: RecordSource
     sink: RecordSink
+    offsets: dict[Partition, int]
     bootstrap_servers: str = "(in memory)"
 
     async def open(self) -> tuple[RecordSource, RecordSink]:
+        self.source.start_offsets = self.offsets
         await self.sink.start()
         await self.source.start()
         return self.source, self.sink
@@ -125,7 +127,7 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
     checkpoint = checkpoints.load_latest()
 
     lock = ProcessRunner.make_lock() if process_mode else None
-    replay = ReplayBuffer(s.replay.capacity, FEATURE_DIM, device, shared=process_mode, lock=lock)
+    replay = ReplayBuffer(s.replay.capacity, device, shared=process_mode, lock=lock)
     learner = DQNLearner(learning, FEATURE_DIM, len(Action), clip=s.episodes.feature_clip)
     pipeline = _pipeline(s, rewards, replay)
     offsets: dict[Partition, int] = {}
@@ -139,7 +141,7 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
 
     clients: KafkaClients | GivenClients
     if source is not None:
-        clients = GivenClients(source, sink if sink is not None else MemorySink())
+        clients = GivenClients(source, sink if sink is not None else MemorySink(), offsets)
     else:
         clients = KafkaClients(kafka_options(s), offsets)
     ingestor = Ingestor(

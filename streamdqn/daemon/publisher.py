@@ -128,7 +128,8 @@ class Publisher:
         self, weights: dict[str, torch.Tensor], provenance: Provenance, held_out: Sequence[HeldOutEpisode]
     ) -> tuple[Snapshot, bool]:
         """Gate, export, check and publish (in a worker thread). Returns (snapshot, passed the gate)."""
-        q = QNetwork(FEATURE_DIM, len(Action), self.learner_settings.hidden)
+        q = QNetwork(FEATURE_DIM, len(Action), self.learner_settings.hidden,
+                     dueling=self.learner_settings.dueling)
         q.load_state_dict(weights)
         q.eval()
         passed, evaluation = self._gate_candidate(q, held_out)

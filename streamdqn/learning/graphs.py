@@ -17,21 +17,21 @@ from dataclasses import dataclass
 
 import torch
 
-from streamdqn.learning.replay.buffer import ReplaySamples
+from streamdqn.learning.replay.buffer import RowBatch
 
 log = logging.getLogger(__name__)
 
 # Eager calls per batch size before its capture; the CUDA graph notes warm up for three iterations.
 WARMUP_STEPS = 3
 
-Step = Callable[[ReplaySamples], torch.Tensor]
+Step = Callable[[RowBatch], torch.Tensor]
 
 
 @dataclass
 class _Capture:
     """One batch size's static inputs, and its graph and static output once captured."""
 
-    inputs: ReplaySamples
+    inputs: RowBatch
     warmups: int = 0
     graph: torch.cuda.CUDAGraph | None = None
     output: torch.Tensor | None = None
@@ -63,12 +63,12 @@ class GraphedStep:
         """Drop every graph (state the step reads was replaced): the next calls warm up and capture anew."""
         self._captures.clear()
 
-    def __call__(self, batch: ReplaySamples) -> torch.Tensor:
+    def __call__(self, batch: RowBatch) -> torch.Tensor:
         if self.error is not None:
             return self._step(batch)
         capture = self._captures.get(len(batch.states))
         if capture is None:
-            inputs = ReplaySamples(*(torch.empty_like(t, device=self._device) for t in batch))
+            inputs = RowBatch(*(torch.empty_like(t, device=self._device) for t in batch))
             capture = self._captures[len(batch.states)] = _Capture(inputs)
         for static, value in zip(capture.inputs, batch, strict=True):
             static.copy_(value, non_blocking=True)
@@ -78,7 +78,7 @@ class GraphedStep:
                 return self._warm_up(capture.inputs)
             try:
                 capture.graph, capture.output = self._capture(capture.inputs)
-            except Exception as exc:  # a failed capture costs speed, never the learner
+            except Exception as exc:  # noqa: BLE001 - a failed capture costs speed, never the learner
                 self.error = f"{type(exc).__name__}: {exc}"
                 self._captures.clear()
                 log.warning("CUDA graph capture failed; updates run eagerly from now on: %s", self.error)
@@ -86,7 +86,7 @@ class GraphedStep:
         capture.graph.replay()
         return capture.output
 
-    def _warm_up(self, inputs: ReplaySamples) -> torch.Tensor:
+    def _warm_up(self, inputs: RowBatch) -> torch.Tensor:
         current = torch.cuda.current_stream(self._device)
         self._side.wait_stream(current)
         with torch.cuda.device(self._device), torch.cuda.stream(self._side):
@@ -94,7 +94,7 @@ class GraphedStep:
         current.wait_stream(self._side)
         return output
 
-    def _capture(self, inputs: ReplaySamples) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, inputs: RowBatch) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         graph = torch.cuda.CUDAGraph()
         # thread_local: other threads (ingest pushing into a GPU replay buffer) keep using CUDA during a
         # capture, and in the default global mode their calls would fail. torch.compile's CUDA graph

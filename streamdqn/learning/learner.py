@@ -1,6 +1,6 @@
-"""DQN learning: a pure td_loss(), DQNLearner (networks + optimizer), and the epsilon schedule.
+"""DQN learning on replay rows: a pure row_loss(), and DQNLearner (networks + optimizer).
 
-The learner's boundary is narrow on purpose: replay samples in, weights and stats out. That is what
+The learner's boundary is narrow on purpose: replay rows in, weights and stats out. That is what
 lets it run as a thread or in its own process over shared-memory replay (see streamdqn.learning.runners).
 """
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from streamdqn.learning.graphs import GraphedStep
 from streamdqn.learning.model import QNetwork
-from streamdqn.learning.replay.buffer import ReplaySamples
+from streamdqn.learning.replay.buffer import ReplayBuffer, RowBatch
 from streamdqn.learning.settings import LearnerSettings
 
 
@@ -36,32 +36,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def epsilon_at(step: int, s: LearnerSettings) -> float:
-    """Linear decay from epsilon_start to epsilon_end over epsilon_decay_steps acting steps."""
-    if s.epsilon_decay_steps <= 0:
-        return s.epsilon_end
-    frac = min(1.0, step / s.epsilon_decay_steps)
-    return s.epsilon_start + frac * (s.epsilon_end - s.epsilon_start)
-
-
-def epsilon_greedy(rng: np.random.Generator, greedy: np.ndarray, epsilon: float, settings: LearnerSettings,
-                   n_actions: int) -> np.ndarray:
-    """Epsilon-greedy over `greedy` actions (see LearnerSettings.explore_ignore_probability)."""
-    n = len(greedy)
-    p_ignore = settings.explore_ignore_probability
-    if p_ignore is None:
-        random = rng.integers(0, n_actions, size=n)
-    else:
-        random = np.where(rng.random(n) < p_ignore, 0, rng.integers(1, n_actions, size=n))
-    return np.where(rng.random(n) < epsilon, random, greedy).astype(np.int64)
-
-
-def td_loss(
-    online: QNetwork, target: QNetwork, batch: ReplaySamples, gamma: float, double_dqn: bool
+def row_loss(
+    online: QNetwork, target: QNetwork, batch: RowBatch, gamma: float, double_dqn: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Huber TD loss; returns (loss, |td error| per sample, max-Q per sample)."""
-    q_all = online(batch.states)
-    q = q_all.gather(1, batch.actions.unsqueeze(1)).squeeze(1)
+    """Masked Huber loss over every known target of each row; (loss, |TD error| per row, max-Q per row).
+
+    Responses regress on their known (terminal) rewards; ignore on rewards[:, 0] plus
+    gamma**horizon * Q_target(next) when horizon > 0, the next action picked by the online network
+    under double DQN. A row's loss is weighted by its importance weight (1 under uniform sampling).
+    """
+    q = online(batch.states)
+    horizon = batch.horizon.to(q.dtype)
     with torch.no_grad():
         next_target = target(batch.next_states)
         if double_dqn:
@@ -70,17 +55,20 @@ def td_loss(
             next_q = next_target.gather(1, best).squeeze(1)
         else:
             next_q = next_target.max(dim=1).values
-        y = batch.rewards + gamma * (~batch.dones).float() * next_q
-    td = q - y
+        bootstrap = torch.where(horizon > 0, torch.pow(gamma, horizon) * next_q, torch.zeros_like(next_q))
+        y = batch.rewards.clone()
+        y[:, 0] += bootstrap
+    known = batch.known.to(q.dtype)
     # Huber loss: less sensitive to outlier TD errors than squared error.
-    loss = F.smooth_l1_loss(q, y)
-    return loss, td.detach().abs(), q_all.detach().max(dim=1).values
+    per_entry = F.smooth_l1_loss(q, y, reduction="none") * known
+    loss = (per_entry * batch.weights.unsqueeze(1)).sum() / known.sum().clamp(min=1.0)
+    td_abs = ((q.detach() - y).abs() * known).sum(dim=1) / known.sum(dim=1).clamp(min=1.0)
+    return loss, td_abs, q.detach().max(dim=1).values
 
 
 @dataclass
 class LearnerCounters:
     updates: int = 0
-    acting_steps: int = 0
     last: UpdateStats = field(default_factory=lambda: UpdateStats(float("nan"), float("nan"), float("nan")))
 
 
@@ -96,37 +84,37 @@ class DQNLearner:
         self.device = resolve_device(settings.device)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-        self.online = QNetwork(obs_dim, n_actions, settings.hidden, clip).to(self.device)
+        self.online = QNetwork(obs_dim, n_actions, settings.hidden, clip, dueling=settings.dueling)
+        self.online.to(self.device)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         graphed = settings.cuda_graph and self.device.type == "cuda"
         self.optimizer = _optimizer(self.online, settings, self.device, capturable=graphed)
         self.graphed_step = GraphedStep(self._step, self.device) if graphed else None
         self.counters = LearnerCounters()
-        self._rng = np.random.default_rng(settings.seed)
+        # |TD error| of each row of the last update (what a prioritized sampler is told).
+        self.td_abs = torch.zeros(0, device=self.device)
 
-    @property
-    def epsilon(self) -> float:
-        return epsilon_at(self.counters.acting_steps, self.settings)
-
-    def update(self, batch: ReplaySamples) -> UpdateStats:
+    def update(self, batch: RowBatch) -> UpdateStats:
         step = self._step if self.graphed_step is None else self.graphed_step
         out = step(batch)
         self.counters.updates += 1
         self._sync_target()
-        # One device-to-host transfer for all three numbers, before a graph's next replay overwrites them.
-        stats = UpdateStats(*out.tolist())
+        # Copied before a graph's next replay overwrites them; one device-to-host transfer for the stats.
+        self.td_abs = out[3:].clone()
+        stats = UpdateStats(*out[:3].tolist())
         self.counters.last = stats
         return stats
 
-    def _step(self, batch: ReplaySamples) -> torch.Tensor:
-        """One gradient step of the online network; (loss, mean |TD error|, mean max-Q) as one tensor."""
+    def _step(self, batch: RowBatch) -> torch.Tensor:
+        """One gradient step of the online network; (loss, mean |TD error|, mean max-Q, |TD error| per
+        row...) as one tensor."""
         s = self.settings
         self.optimizer.zero_grad(set_to_none=True)
-        loss, td_abs, q_max = td_loss(self.online, self.target, batch, s.gamma, s.double_dqn)
+        loss, td_abs, q_max = row_loss(self.online, self.target, batch, s.gamma, s.double_dqn)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.online.parameters(), s.grad_clip)
         self.optimizer.step()
-        return torch.stack([loss.detach(), td_abs.mean(), q_max.mean()])
+        return torch.cat([torch.stack([loss.detach(), td_abs.mean(), q_max.mean()]), td_abs])
 
     @torch.no_grad()
     def _sync_target(self) -> None:
@@ -145,23 +133,15 @@ class DQNLearner:
     @torch.no_grad()
     def q_values(self, features: np.ndarray) -> np.ndarray:
         x = torch.as_tensor(features, dtype=torch.float32, device=self.device)
-        return self.online(x).cpu().numpy()
+        return np.asarray(self.online(x).cpu().numpy())
 
-    def act(self, features: np.ndarray, *, explore: bool = True) -> np.ndarray:
-        """Epsilon-greedy actions for a batch of states (greedy with explore=False).
-
-        The caller advances `counters.acting_steps` by the steps that were really acted on (rows
-        after an episode's response are not), which drives the epsilon schedule.
-        """
-        n = len(features)
-        if n == 0:
+    @torch.no_grad()
+    def act(self, features: np.ndarray) -> np.ndarray:
+        """The greedy action (ignore margin applied) for a batch of states: what a snapshot would do."""
+        if len(features) == 0:
             return np.zeros(0, dtype=np.int64)
-        with torch.no_grad():
-            q = self.online(torch.as_tensor(features, dtype=torch.float32, device=self.device))
-            greedy = self.online.greedy(q).cpu().numpy()
-        if not explore:
-            return greedy.astype(np.int64)
-        return epsilon_greedy(self._rng, greedy, self.epsilon, self.settings, self.online.n_actions)
+        q = self.online(torch.as_tensor(features, dtype=torch.float32, device=self.device))
+        return np.asarray(self.online.greedy(q).cpu().numpy(), dtype=np.int64)
 
     def state_dict(self) -> dict[str, object]:
         return {
@@ -169,7 +149,6 @@ class DQNLearner:
             "target": self.target.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "updates": self.counters.updates,
-            "acting_steps": self.counters.acting_steps,
             "settings": self.settings.as_dict(),
         }
 
@@ -181,7 +160,6 @@ class DQNLearner:
             # Loading replaced the optimizer's state tensors, which the captured graphs still point at.
             self.graphed_step.reset()
         self.counters.updates = int(state["updates"])  # type: ignore[call-overload]
-        self.counters.acting_steps = int(state["acting_steps"])  # type: ignore[call-overload]
 
 
 def _optimizer(
@@ -198,7 +176,7 @@ def _optimizer(
     return torch.optim.Adam(online.parameters(), lr=settings.lr, **options)
 
 
-def _fast_adam(device: torch.device) -> dict[str, bool]:
+def _fast_adam(device: torch.device) -> dict[str, Any]:
     # The fused Adam kernel is the fastest step measured on this class of CPU and on CUDA.
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
 
@@ -216,36 +194,10 @@ def _with_own_flags(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> 
     return {**saved, "param_groups": [{**g, **own} for g in saved["param_groups"]]}
 
 
-class ActingPolicy:
-    """The behaviour policy on the ingest side: a copy of the online network, epsilon-greedy.
-
-    Its weights are refreshed from the learner (which may live in another process) now and then;
-    acting on slightly stale weights is what every distributed DQN does.
-    """
-
-    def __init__(self, settings: LearnerSettings, obs_dim: int, n_actions: int, clip: float = 10.0) -> None:
-        self.settings = settings
-        self.network = QNetwork(obs_dim, n_actions, settings.hidden, clip).eval().requires_grad_(False)
-        self.acting_steps = 0
-        self.weights_version = -1
-        self._rng = np.random.default_rng(settings.seed)
-
-    @property
-    def epsilon(self) -> float:
-        return epsilon_at(self.acting_steps, self.settings)
-
-    def load_weights(self, state: dict[str, torch.Tensor], version: int) -> None:
-        self.network.load_state_dict(state)
-        self.weights_version = version
-
-    def set_normalization(self, mean: np.ndarray, std: np.ndarray, clip: float) -> None:
-        self.network.set_normalization(mean, std, clip)
-
-    @torch.no_grad()
-    def act(self, features: np.ndarray) -> np.ndarray:
-        n = len(features)
-        if n == 0:
-            return np.zeros(0, dtype=np.int64)
-        q = self.network(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
-        greedy = self.network.greedy(q).numpy()
-        return epsilon_greedy(self._rng, greedy, self.epsilon, self.settings, self.network.n_actions)
+def update_from(learner: DQNLearner, buffer: ReplayBuffer) -> UpdateStats:
+    """One update on a batch sampled from `buffer`; a prioritized sampler hears the rows' TD errors."""
+    batch = buffer.sample(learner.settings.batch_size)
+    stats = learner.update(batch)
+    if buffer.prioritized:
+        buffer.update_priorities(batch.positions, learner.td_abs)
+    return stats

@@ -23,7 +23,8 @@ class QNetwork(nn.Module):
     _ignore_onehot: torch.Tensor
 
     def __init__(
-        self, obs_dim: int, n_actions: int, hidden: Sequence[int] = (256, 256), clip: float = 10.0
+        self, obs_dim: int, n_actions: int, hidden: Sequence[int] = (256, 256), clip: float = 10.0,
+        *, dueling: bool = False,
     ) -> None:
         super().__init__()
         self.obs_dim = obs_dim
@@ -41,7 +42,9 @@ class QNetwork(nn.Module):
         for h in self.hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
             width = h
-        layers.append(nn.Linear(width, n_actions))
+        self.dueling = dueling
+        # Dueling (Wang et al. 2016): one more output, the state value; the others are advantages.
+        layers.append(nn.Linear(width, n_actions + 1 if dueling else n_actions))
         self.mlp = nn.Sequential(*layers)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +52,11 @@ class QNetwork(nn.Module):
         return torch.clamp(z, -self.obs_clip, self.obs_clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.normalize(x))
+        out: torch.Tensor = self.mlp(self.normalize(x))
+        if not self.dueling:
+            return out
+        value, advantage = out[:, :1], out[:, 1:]
+        return value + advantage - advantage.mean(dim=1, keepdim=True)
 
     def greedy(self, q_values: torch.Tensor) -> torch.Tensor:
         """The action chosen from Q-values, with the ignore margin applied."""

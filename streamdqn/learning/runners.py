@@ -1,6 +1,6 @@
 """Where DQN updates run: a thread, or a process over shared-memory replay.
 
-The boundary is narrow: transitions go in through the replay buffer; weights and stats come out
+The boundary is narrow: rows go in through the replay buffer; weights and stats come out
 through shared tensors; a full learner state (for checkpoints) is asked for explicitly. Measured
 on 2 cores: a learner thread beside a busy asyncio ingest loop keeps ~0.1x of its solo update rate
 (every torch call re-takes the GIL), a learner process ~1.0x. See bench/ and the README.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from streamdqn.learning.learner import DQNLearner
+from streamdqn.learning.learner import DQNLearner, update_from
 from streamdqn.learning.replay.buffer import ReplayBuffer
 from streamdqn.learning.settings import LearnerSettings
 
@@ -39,7 +39,7 @@ class RunnerOptions:
     obs_dim: int
     n_actions: int
     min_size: int = 1000
-    updates_per_transition: float = 1.0  # 0: as fast as possible
+    updates_per_transition: float = 1.0  # updates per inserted row at most; 0: as fast as possible
     publish_every_updates: int = 50
     torch_threads: int = 1
     feature_clip: float = 10.0
@@ -124,7 +124,7 @@ def _learn(
             learner.set_normalization(norm[: options.obs_dim].numpy(), norm[options.obs_dim :].numpy(),
                                       options.feature_clip)
         with state_lock:
-            stats = learner.update(buffer.sample(learner.settings.batch_size))
+            stats = update_from(learner, buffer)
         c[_UPDATES] = learner.counters.updates
         c[_LOSS], c[_TD], c[_QMAX] = stats
         if learner.counters.updates % options.publish_every_updates == 0:

@@ -40,22 +40,14 @@ class LearnerSettings(BaseModel):
     """Clip the gradient's global norm to this."""
     double_dqn: bool = True
     """Double-DQN targets: the online network picks the next action, the target network values it."""
-    epsilon_start: Annotated[float, Field(ge=0, le=1)] = 1.0
-    """Exploration rate of the behaviour policy at the start."""
-    epsilon_end: Annotated[float, Field(ge=0, le=1)] = 0.1
-    """Exploration rate after epsilon_decay_steps acting steps."""
-    epsilon_decay_steps: Annotated[int, Field(ge=0)] = 10_000
-    """Acting steps over which epsilon decays linearly."""
-    explore_ignore_probability: Annotated[float, Field(ge=0, le=1)] | None = 1.0
-    """Chance that an exploratory action is `ignore` (null: uniform over the five actions). Responses
-    are learned from counterfactual transitions at every visited step, so exploring by watching
-    longer covers more states than exploring by responding."""
+    dueling: bool = False
+    """Dueling head: Q = V(s) + A(s, a) - mean_a A(s, a) over a shared MLP body."""
     device: str = "auto"
     """auto (CUDA when present), cpu, cuda or cuda:N."""
     cuda_graph: bool = True
     """On CUDA, replay each update from a captured CUDA graph (the same update, launched as one graph)."""
     seed: int | None = None
-    """Seed of the network's initial weights and of exploration; none: random."""
+    """Seed of the network's initial weights and of replay sampling; none: random."""
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = self.model_dump(mode="json")

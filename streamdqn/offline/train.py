@@ -24,7 +24,7 @@ import torch
 from streamdqn.errors import ConfigError
 from streamdqn.history import HistoryPoint, append_history
 from streamdqn.learning.checkpoints import CheckpointStore
-from streamdqn.learning.learner import DQNLearner
+from streamdqn.learning.learner import DQNLearner, update_from
 from streamdqn.learning.replay.buffer import ReplayBuffer
 from streamdqn.learning.settings import LearnerSettings
 from streamdqn.offline.options import OfflineOptions, split_hyperparameters
@@ -178,7 +178,7 @@ def train(
     table = rewards or RewardTable()
     learner = DQNLearner(settings, feature_dim, action_dim, clip=options.feature_clip)
     agent = Agent(learner, RunningNormalizer(feature_dim, clip=options.feature_clip), table)
-    buffer = ReplayBuffer(options.replay_capacity, feature_dim, learner.device, seed=seed)
+    buffer = ReplayBuffer(options.replay_capacity, learner.device, seed=seed)
     fed: list[ReplayRows] = []
 
     def push(rows: ReplayRows) -> None:
@@ -215,7 +215,7 @@ def train(
         if len(buffer) >= options.learning_starts:
             update_budget += options.updates_per_transition * rows.size
             while update_budget >= 1:
-                losses.append(learner.update(buffer.sample(settings.batch_size)).loss)
+                losses.append(update_from(learner, buffer).loss)
                 update_budget -= 1
         episode_returns.append(_greedy_return(agent, learned.get(position)) if rows.size else float("nan"))
         episode_losses.append(float(np.mean(losses)) if losses else float("nan"))

@@ -57,7 +57,7 @@ def _export(cpu_q: QNetwork, dummy: torch.Tensor, buffer: io.BytesIO) -> None:
 
 
 def _cpu_copy(q: QNetwork) -> QNetwork:
-    copy = QNetwork(q.obs_dim, q.n_actions, q.hidden)
+    copy = QNetwork(q.obs_dim, q.n_actions, q.hidden, dueling=q.dueling)
     copy.load_state_dict({k: v.detach().cpu() for k, v in q.state_dict().items()})
     return copy.eval()
 

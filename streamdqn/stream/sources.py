@@ -46,7 +46,12 @@ of the same numbers move with them)."""
 
 
 class RecordSource(Protocol):
-    """Where telemetry records come from: a consumer with offsets it can pause, resume and commit."""
+    """Where telemetry records come from: a consumer with offsets it can pause, resume and commit.
+
+    `start_offsets` ((topic, partition) -> next offset), set before start, is where reading resumes
+    (a checkpoint's offsets)."""
+
+    start_offsets: dict[Partition, int]
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
@@ -77,6 +82,7 @@ class MemorySource:
         self.topic = topic
         self.batch = batch
         self.committed: dict[Partition, int] = {}
+        self.start_offsets: dict[Partition, int] = {}
         self.paused = False
 
     def add(self, records: Sequence[Record]) -> None:
@@ -94,7 +100,8 @@ class MemorySource:
             return []
         batch = self._records[self._next : self._next + self.batch]
         self._next += len(batch)
-        return batch
+        # Resume where a checkpoint left off, as a Kafka consumer seeks to it.
+        return [r for r in batch if r.offset >= self.start_offsets.get((r.topic, r.partition), 0)]
 
     @property
     def delivered(self) -> int:

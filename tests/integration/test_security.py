@@ -93,7 +93,7 @@ def start_together(daemons: list[DaemonProcess]) -> None:
     def start(daemon: DaemonProcess) -> None:
         try:
             daemon.start()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - reported to the test's thread, which fails on it
             errors.append(exc)
 
     threads = [threading.Thread(target=start, args=(d,)) for d in daemons]

@@ -119,7 +119,7 @@ def test_retention_keeps_the_newest(tmp_path: Path) -> None:
     assert (tmp_path / "notes.txt").exists()
     # A store opened later on the same directory continues the numbering.
     assert CheckpointStore(tmp_path, keep=2).save(state(6)).name == "ckpt-0000000006.pt"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="keep"):
         CheckpointStore(tmp_path, keep=0)
 
 

@@ -118,5 +118,5 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_settings_are_frozen() -> None:
     settings = load_settings()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="frozen"):
         settings.learner.lr = 1.0  # type: ignore[misc]

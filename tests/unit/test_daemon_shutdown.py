@@ -17,9 +17,12 @@ from pathlib import Path
 from streamdqn.config import load_settings
 from streamdqn.daemon.build import build
 from streamdqn.daemon.exits import EXIT_OK
+from streamdqn.daemon.state import DaemonState
 from streamdqn.learning.checkpoints import CheckpointStore
 from streamdqn.stream.sources import DeadLetter, MemorySink, MemorySource, Record
 from tests.factories import event_dict
+
+TOPIC = "telemetry"
 
 
 class DeadLetterBrokerDown(MemorySink):
@@ -40,7 +43,7 @@ def records(first: int, count: int, *, bad: bool = False) -> list[Record]:
     for offset in range(first, first + count):
         event = event_dict(episode_id=offset // 10, step=offset % 10, sandbox_id=f"s{offset // 10}")
         value = b"{broken" if bad else json.dumps(event).encode()
-        out.append(Record("telemetry", 0, offset, value))
+        out.append(Record(TOPIC, 0, offset, value))
     return out
 
 
@@ -80,12 +83,14 @@ def test_stop_with_dead_letters_pending_resumes_from_the_last_checkpoint(tmp_pat
     assert seconds < 10  # BROKER_CALL_TIMEOUT_SECONDS bounds the last attempt, not the retry loop
     latest = CheckpointStore(tmp_path / "state" / "checkpoints").load_latest()
     assert latest is not None
-    state = latest.state
-    assert state["offsets"] == {"0": 40}  # the bad batch is read again after a restart
-    assert state["pipeline"]["counters"]["records"] == 40
-    assert not state["pipeline"]["counters"]["rejected"]  # and its rejects were never counted
+    state = DaemonState.from_checkpoint(latest.state, str(latest.path))
+    assert state.offsets == {(TOPIC, 0): 40}  # the bad batch is read again after a restart
+    assert state.stream.counters.records == 40
+    assert not state.stream.counters.rejected  # and its rejects were never counted
 
 
 def _offset_in_checkpoint(checkpoints: CheckpointStore, offset: int) -> bool:
     latest = checkpoints.load_latest()
-    return latest is not None and latest.state["offsets"].get("0") == offset
+    if latest is None:
+        return False
+    return DaemonState.from_checkpoint(latest.state, str(latest.path)).offsets.get((TOPIC, 0)) == offset

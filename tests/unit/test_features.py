@@ -139,9 +139,9 @@ def test_normalizer_clips_and_refuses_non_finite_and_round_trips() -> None:
     with pytest.raises(ValueError, match="expects"):
         norm.update(np.zeros((1, 3)))
     other = RunningNormalizer(dim=2)
-    other.load_state_dict(norm.state_dict())
+    other.load_state(norm.state())
     assert (other.count, other.clip) == (2.0, 3.0)
     np.testing.assert_array_equal(other.mean, norm.mean)
     np.testing.assert_array_equal(other.std, norm.std)
     with pytest.raises(ValueError, match="dim"):
-        RunningNormalizer(dim=3).load_state_dict(norm.state_dict())
+        RunningNormalizer(dim=3).load_state(norm.state())

@@ -30,7 +30,7 @@ def test_margin_shifts_the_greedy_action_in_torch_and_in_onnx() -> None:
     q = learner.q_values(probe)
     gap = (q[:, 1:].max(axis=1) - q[:, 0]).max()  # a margin above this makes every action ignore
     learner.online.ignore_margin.fill_(float(gap) + 0.01)
-    assert (learner.act(probe, explore=False) == 0).all()
+    assert (learner.act(probe) == 0).all()
     model = export_onnx(learner.online)
     check_onnx(model, learner.online, probe)  # parity, and action = argmax with the margin
     q_ort, action = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(

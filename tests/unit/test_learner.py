@@ -1,4 +1,4 @@
-"""The learner: td_loss by hand, real updates on a tiny MDP, target updates, epsilon, state, devices."""
+"""The learner: row_loss by hand, real updates on a tiny MDP, target updates, state, devices."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from streamdqn.learning.learner import ActingPolicy, DQNLearner, epsilon_at, resolve_device, td_loss
+from streamdqn.learning.learner import DQNLearner, resolve_device, row_loss, update_from
 from streamdqn.learning.model import QNetwork
-from streamdqn.learning.replay.buffer import ReplayBuffer, ReplaySamples
+from streamdqn.learning.replay.buffer import ReplayBuffer, RowBatch
 from streamdqn.learning.settings import LearnerSettings
+from streamdqn.stream.features import FEATURE_DIM
+from streamdqn.stream.rows import N_ACTIONS, ReplayRows
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -24,76 +26,80 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def linear_q(weight: list[list[float]], bias: list[float]) -> QNetwork:
+def linear_q(weight: np.ndarray, bias: np.ndarray) -> QNetwork:
     """A QNetwork with no hidden layer: Q(s) = W s + b, with identity normalization."""
-    q = QNetwork(2, 2, hidden=())
+    q = QNetwork(weight.shape[1], weight.shape[0], hidden=())
     with torch.no_grad():
-        q.mlp[0].weight.copy_(torch.tensor(weight))
-        q.mlp[0].bias.copy_(torch.tensor(bias))
+        q.mlp[0].weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+        q.mlp[0].bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
     return q
 
 
-def samples(
-    states: list[list[float]],
-    actions: list[int],
-    rewards: list[float],
-    next_states: list[list[float]],
-    dones: list[bool],
-) -> ReplaySamples:
-    return ReplaySamples(
-        torch.tensor(states),
-        torch.tensor(actions),
-        torch.tensor(rewards),
-        torch.tensor(next_states),
-        torch.tensor(dones),
+def batch_of(states: np.ndarray, rewards: np.ndarray, known: np.ndarray, next_states: np.ndarray,
+             horizon: np.ndarray, weights: np.ndarray | None = None) -> RowBatch:
+    n = len(states)
+    return RowBatch(
+        torch.as_tensor(states, dtype=torch.float32), torch.as_tensor(rewards, dtype=torch.float32),
+        torch.as_tensor(known), torch.as_tensor(next_states, dtype=torch.float32),
+        torch.as_tensor(horizon, dtype=torch.int8), torch.arange(n),
+        torch.as_tensor(np.ones(n) if weights is None else weights, dtype=torch.float32),
     )
 
 
-def huber(d: np.ndarray) -> float:
-    return float(np.mean(np.where(np.abs(d) < 1, 0.5 * d**2, np.abs(d) - 0.5)))
+def huber(d: np.ndarray) -> np.ndarray:
+    return np.where(np.abs(d) < 1, 0.5 * d**2, np.abs(d) - 0.5)
 
 
 @pytest.mark.parametrize("double_dqn", [True, False])
-def test_td_loss_against_a_hand_computation(double_dqn: bool) -> None:
-    w_online, b_online = np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([0.0, 0.5])
-    w_target, b_target = np.array([[3.0, 0.0], [0.0, 1.0]]), np.array([0.0, 0.0])
-    online, target = (
-        linear_q(w_online.tolist(), b_online.tolist()),
-        linear_q(w_target.tolist(), b_target.tolist()),
-    )
-    s = np.array([[1.0, 1.0], [0.5, 0.0], [0.0, 1.0]])
-    a = np.array([1, 0, 0])
-    r = np.array([0.5, -1.0, 2.0])
-    s2 = np.array([[1.0, 1.0], [2.0, 0.0], [0.0, 3.0]])
-    done = np.array([False, False, True])
+def test_row_loss_against_a_hand_computation(double_dqn: bool) -> None:
+    rng = np.random.default_rng(0)
+    w_online, b_online = rng.normal(size=(3, 2)), rng.normal(size=3)
+    w_target, b_target = rng.normal(size=(3, 2)), rng.normal(size=3)
+    online, target = linear_q(w_online, b_online), linear_q(w_target, b_target)
+    s = rng.normal(size=(4, 2))
+    s2 = rng.normal(size=(4, 2))
+    r = rng.normal(size=(4, 3))
+    known = np.array([[True, True, True], [False, True, True], [True, False, True], [True, True, False]])
+    horizon = np.array([1, 0, 3, 2])
+    weights = np.array([1.0, 0.5, 2.0, 1.0])
     gamma = 0.9
-    batch = samples(s.tolist(), a.tolist(), r.tolist(), s2.tolist(), done.tolist())
 
-    q_online_s = s @ w_online.T + b_online
-    q = q_online_s[np.arange(3), a]
+    q = s @ w_online.T + b_online
     q_target_next = s2 @ w_target.T + b_target
     if double_dqn:  # the online network picks, the target network values
         pick = (s2 @ w_online.T + b_online).argmax(axis=1)
-        next_q = q_target_next[np.arange(3), pick]
+        next_q = q_target_next[np.arange(4), pick]
     else:
         next_q = q_target_next.max(axis=1)
-    y = r + gamma * (~done) * next_q
-    # Row 0: online picks action 1 (2.5 > 1), target values it 1; plain DQN takes the target's max 3.
-    assert next_q[0] == (1.0 if double_dqn else 3.0)
+    y = r.copy()
+    y[:, 0] += np.where(horizon > 0, gamma**horizon * next_q, 0.0)  # row 1 (horizon 0) is terminal
+    expected = (huber(q - y) * known * weights[:, None]).sum() / known.sum()
+    expected_td = (np.abs(q - y) * known).sum(axis=1) / known.sum(axis=1)
 
-    loss, td_abs, q_max = td_loss(online, target, batch, gamma, double_dqn)
-    assert loss.item() == pytest.approx(huber(q - y), rel=1e-6)
-    np.testing.assert_allclose(td_abs.numpy(), np.abs(q - y), rtol=1e-6)
-    np.testing.assert_allclose(q_max.numpy(), q_online_s.max(axis=1), rtol=1e-6)
+    batch = batch_of(s, r, known, s2, horizon, weights)
+    loss, td_abs, q_max = row_loss(online, target, batch, gamma, double_dqn)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    np.testing.assert_allclose(td_abs.numpy(), expected_td, rtol=1e-5)
+    np.testing.assert_allclose(q_max.numpy(), q.max(axis=1), rtol=1e-5)
     assert not td_abs.requires_grad
     assert loss.requires_grad
-    # The done row's target is its reward alone: whatever its next state's value is.
-    assert abs(td_abs[2].item()) == pytest.approx(abs(q[2] - 2.0))
 
 
-def test_td_loss_gradient_flows_only_into_the_online_network() -> None:
-    online, target = linear_q([[1.0, 0.0], [0.0, 1.0]], [0, 0]), linear_q([[1.0, 1.0], [1.0, 1.0]], [0, 0])
-    loss, _, _ = td_loss(online, target, samples([[1.0, 0.0]], [0], [1.0], [[0.0, 1.0]], [False]), 0.99, True)
+def test_unknown_targets_contribute_nothing() -> None:
+    online, target = linear_q(np.eye(2), np.zeros(2)), linear_q(np.eye(2), np.zeros(2))
+    s = np.array([[1.0, 0.0]])
+    known = np.array([[False, True]])
+    base = row_loss(online, target, batch_of(s, np.array([[0.0, 3.0]]), known, s, np.array([1])), 0.9, True)
+    # Another ignore reward and horizon, both unknown: the loss is the same.
+    other = row_loss(online, target, batch_of(s, np.array([[-5.0, 3.0]]), known, s, np.array([5])), 0.9, True)
+    assert base[0].item() == other[0].item() == pytest.approx(float(huber(np.array(3.0))))
+
+
+def test_row_loss_gradient_flows_only_into_the_online_network() -> None:
+    online, target = linear_q(np.eye(2), np.zeros(2)), linear_q(np.ones((2, 2)), np.zeros(2))
+    s = np.array([[1.0, 0.0]])
+    batch = batch_of(s, np.array([[1.0, 0.0]]), np.ones((1, 2), bool), np.array([[0.0, 1.0]]), np.array([1]))
+    loss, _, _ = row_loss(online, target, batch, 0.99, True)
     loss.backward()
     assert online.mlp[0].weight.grad is not None
     assert target.mlp[0].weight.grad is None
@@ -101,36 +107,51 @@ def test_td_loss_gradient_flows_only_into_the_online_network() -> None:
 
 # --- real updates ----------------------------------------------------------------------------------
 
-S0, S1 = [1.0, 0.0], [0.0, 1.0]
+S0, S1 = np.eye(FEATURE_DIM, dtype=np.float32)[0], np.eye(FEATURE_DIM, dtype=np.float32)[1]
+# s0: ignore -> s1 (reward 0), responses end with 1, 0.5, -1, 0.  s1: ignore ends with 2, responses -1.
+# With gamma 0.9: Q*(s0) = [1.8, 1, 0.5, -1, 0], Q*(s1) = [2, -1, -1, -1, -1].
+Q_STAR = np.array([[1.8, 1.0, 0.5, -1.0, 0.0], [2.0, -1.0, -1.0, -1.0, -1.0]])
 
 
-def two_state_mdp(buffer: ReplayBuffer) -> None:
-    """s0: a0 -> s1 (r 0), a1 -> end (r 1).  s1: a0 -> end (r 2), a1 -> end (r -1).  Q*(s0) = [2 gamma, 1]."""
-    for _ in range(16):
-        buffer.push(
-            np.array([S0, S0, S1, S1], dtype=np.float32),
-            np.array([0, 1, 0, 1]),
-            np.array([0.0, 1.0, 2.0, -1.0]),
-            np.array([S1, S0, S1, S1], dtype=np.float32),
-            np.array([False, True, True, True]),
-        )
+def mdp_rows(copies: int = 16) -> ReplayRows:
+    rows = ReplayRows.empty(2)
+    rows.states[:] = [S0, S1]
+    rows.next_states[:] = [S1, S1]
+    rows.rewards[:] = [[0.0, 1.0, 0.5, -1.0, 0.0], [2.0, -1.0, -1.0, -1.0, -1.0]]
+    rows.known[:] = True
+    rows.horizon[:] = [1, 0]
+    return ReplayRows.concat([rows] * copies)
 
 
-def test_a_few_hundred_updates_learn_the_right_q_ordering() -> None:
+def filled(capacity: int = 256, seed: int = 0) -> ReplayBuffer:
+    buffer = ReplayBuffer(capacity, "cpu", seed=seed)
+    buffer.push(mdp_rows())
+    return buffer
+
+
+def test_a_few_hundred_updates_learn_every_actions_value_from_one_row_per_state() -> None:
     settings = LearnerSettings(
         hidden=(16,), lr=1e-2, gamma=0.9, batch_size=32, target_update_interval=20, device="cpu", seed=0
     )
-    learner = DQNLearner(settings, obs_dim=2, n_actions=2)
-    buffer = ReplayBuffer(256, 2, "cpu", seed=0)
-    two_state_mdp(buffer)
-    losses = [learner.update(buffer.sample(settings.batch_size)).loss for _ in range(200)]
-    q = learner.q_values(np.array([S0, S1], dtype=np.float32))
-    assert q[0, 0] > q[0, 1]
-    assert q[1, 0] > q[1, 1]
-    np.testing.assert_allclose(q, [[1.8, 1.0], [2.0, -1.0]], atol=0.05)
+    learner = DQNLearner(settings, FEATURE_DIM, N_ACTIONS)
+    buffer = filled()
+    losses = [update_from(learner, buffer).loss for _ in range(300)]
+    q = learner.q_values(np.stack([S0, S1]))
+    np.testing.assert_allclose(q, Q_STAR, atol=0.05)
     assert np.mean(losses[-20:]) < 0.1 * np.mean(losses[:20])
-    assert learner.counters.updates == 200
-    assert learner.act(np.array([S0, S1], dtype=np.float32), explore=False).tolist() == [0, 0]
+    assert learner.counters.updates == 300
+    assert learner.act(np.stack([S0, S1])).tolist() == [0, 0]
+
+
+def test_the_dueling_head_learns_the_same_values() -> None:
+    settings = LearnerSettings(hidden=(16,), lr=1e-2, gamma=0.9, batch_size=32, target_update_interval=20,
+                               device="cpu", seed=0, dueling=True)
+    learner = DQNLearner(settings, FEATURE_DIM, N_ACTIONS)
+    assert learner.online.mlp[-1].out_features == N_ACTIONS + 1
+    buffer = filled()
+    for _ in range(400):
+        update_from(learner, buffer)
+    np.testing.assert_allclose(learner.q_values(np.stack([S0, S1])), Q_STAR, atol=0.08)
 
 
 def params(q: QNetwork) -> list[torch.Tensor]:
@@ -139,10 +160,10 @@ def params(q: QNetwork) -> list[torch.Tensor]:
 
 def test_hard_target_update_every_n_updates() -> None:
     learner = DQNLearner(
-        LearnerSettings(hidden=(8,), lr=1e-2, target_update_interval=3, device="cpu", seed=1), 2, 2
+        LearnerSettings(hidden=(8,), lr=1e-2, target_update_interval=3, device="cpu", seed=1), FEATURE_DIM,
+        N_ACTIONS,
     )
-    buffer = ReplayBuffer(64, 2, "cpu", seed=1)
-    two_state_mdp(buffer)
+    buffer = filled(64, seed=1)
     initial = params(learner.target)
     for _ in range(2):
         learner.update(buffer.sample(16))
@@ -155,10 +176,10 @@ def test_hard_target_update_every_n_updates() -> None:
 def test_polyak_target_update() -> None:
     tau = 0.25
     learner = DQNLearner(
-        LearnerSettings(hidden=(8,), lr=1e-2, tau=tau, target_update_interval=1, device="cpu", seed=2), 2, 2
+        LearnerSettings(hidden=(8,), lr=1e-2, tau=tau, target_update_interval=1, device="cpu", seed=2),
+        FEATURE_DIM, N_ACTIONS,
     )
-    buffer = ReplayBuffer(64, 2, "cpu", seed=2)
-    two_state_mdp(buffer)
+    buffer = filled(64, seed=2)
     for _ in range(3):
         before = params(learner.target)
         learner.update(buffer.sample(16))
@@ -166,57 +187,26 @@ def test_polyak_target_update() -> None:
             torch.testing.assert_close(t, (1 - tau) * b + tau * o)
 
 
-def test_epsilon_schedule() -> None:
-    s = LearnerSettings(epsilon_start=1.0, epsilon_end=0.1, epsilon_decay_steps=100)
-    assert epsilon_at(0, s) == 1.0
-    assert epsilon_at(50, s) == pytest.approx(0.55)
-    assert epsilon_at(100, s) == pytest.approx(0.1)
-    assert epsilon_at(10_000, s) == pytest.approx(0.1)
-    assert epsilon_at(5, LearnerSettings(epsilon_end=0.05, epsilon_decay_steps=0)) == 0.05
-    learner = DQNLearner(LearnerSettings(hidden=(4,), epsilon_decay_steps=100, device="cpu", seed=0), 2, 2)
-    learner.counters.acting_steps = 50
-    assert learner.epsilon == pytest.approx(0.55)
-
-
-def test_exploration_follows_epsilon() -> None:
-    states = np.tile(np.array([S0], dtype=np.float32), (2000, 1))
-    greedy_only = DQNLearner(
-        LearnerSettings(hidden=(4,), epsilon_start=0.0, epsilon_end=0.0, device="cpu", seed=0), 2, 5
-    )
-    chosen = greedy_only.act(states)
-    assert len(set(chosen.tolist())) == 1
-    uniform = LearnerSettings(
-        hidden=(4,), epsilon_start=1.0, epsilon_end=1.0, explore_ignore_probability=None, device="cpu", seed=0
-    )
-    random_only = DQNLearner(uniform, 2, 5)
-    counts = np.bincount(random_only.act(states), minlength=5)
-    assert counts.min() > 300  # uniform over the five actions
-    assert random_only.act(np.zeros((0, 2), np.float32)).shape == (0,)
-    mostly_ignore = DQNLearner(uniform.model_copy(update={"explore_ignore_probability": 0.8}), 2, 5)
-    counts = np.bincount(mostly_ignore.act(states), minlength=5)
-    assert 1500 < counts[0] < 1700
-    assert counts[1:].min() > 60
-    default = LearnerSettings().explore_ignore_probability
-    watching = DQNLearner(uniform.model_copy(update={"explore_ignore_probability": default}), 2, 5)
-    assert (watching.act(states) == 0).all()  # the default explores by watching longer
+def test_the_update_reports_each_rows_td_error() -> None:
+    learner = DQNLearner(LearnerSettings(hidden=(8,), device="cpu", seed=3), FEATURE_DIM, N_ACTIONS)
+    batch = filled(64, seed=3).sample(16)
+    expected = row_loss(learner.online, learner.target, batch, 0.99, True)[1]
+    learner.update(batch)
+    torch.testing.assert_close(learner.td_abs, expected)
 
 
 def test_state_dict_round_trip_continues_identically() -> None:
     settings = LearnerSettings(hidden=(8,), lr=1e-2, target_update_interval=5, device="cpu", seed=3)
-    original = DQNLearner(settings, 2, 2)
-    buffer = ReplayBuffer(64, 2, "cpu", seed=3)
-    two_state_mdp(buffer)
+    original = DQNLearner(settings, FEATURE_DIM, N_ACTIONS)
+    buffer = filled(64, seed=3)
     for _ in range(7):
         original.update(buffer.sample(16))
-    original.counters.acting_steps = 123
-    restored = DQNLearner(
-        LearnerSettings(hidden=(8,), lr=1e-2, target_update_interval=5, device="cpu", seed=99), 2, 2
-    )
+    restored = DQNLearner(settings.model_copy(update={"seed": 99}), FEATURE_DIM, N_ACTIONS)
     saved = io.BytesIO()
     torch.save(original.state_dict(), saved)  # as a checkpoint holds it, read back with weights_only
     saved.seek(0)
     restored.load_state_dict(torch.load(saved, weights_only=True))
-    assert (restored.counters.updates, restored.counters.acting_steps) == (7, 123)
+    assert restored.counters.updates == 7
     batch = buffer.sample(16)
     a, b = original.update(batch), restored.update(batch)
     assert a == b
@@ -226,15 +216,12 @@ def test_state_dict_round_trip_continues_identically() -> None:
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_acting_policy_follows_loaded_weights_and_normalization() -> None:
-    settings = LearnerSettings(hidden=(8,), epsilon_start=0.0, epsilon_end=0.0, device="cpu", seed=4)
-    learner = DQNLearner(settings, 2, 3)
+def test_act_is_the_greedy_action_with_the_normalization() -> None:
+    learner = DQNLearner(LearnerSettings(hidden=(8,), device="cpu", seed=4), 2, 3)
     learner.set_normalization(np.array([0.5, -1.0]), np.array([2.0, 0.5]), 3.0)
-    policy = ActingPolicy(settings, 2, 3)
-    policy.load_weights(learner.online.state_dict(), version=7)
     states = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
-    assert policy.weights_version == 7
-    np.testing.assert_array_equal(policy.act(states), learner.act(states, explore=False))
+    np.testing.assert_array_equal(learner.act(states), learner.q_values(states).argmax(axis=1))
+    assert learner.act(np.zeros((0, 2), np.float32)).shape == (0,)
 
 
 def test_resolve_device() -> None:
@@ -274,12 +261,11 @@ def assert_same_learner(a: DQNLearner, b: DQNLearner, atol: float = 0.0, rtol: f
 
 def test_cuda_graph_setting_changes_nothing_on_the_cpu() -> None:
     settings = LearnerSettings(hidden=(8,), lr=1e-2, target_update_interval=4, device="cpu", seed=5)
-    graphed = DQNLearner(settings, 2, 2)
-    eager = DQNLearner(settings.model_copy(update={"cuda_graph": False}), 2, 2)
+    graphed = DQNLearner(settings, FEATURE_DIM, N_ACTIONS)
+    eager = DQNLearner(settings.model_copy(update={"cuda_graph": False}), FEATURE_DIM, N_ACTIONS)
     assert graphed.graphed_step is None
     assert eager.graphed_step is None
-    buffer = ReplayBuffer(64, 2, "cpu", seed=5)
-    two_state_mdp(buffer)
+    buffer = filled(64, seed=5)
     for _ in range(30):
         batch = buffer.sample(16)
         assert graphed.update(batch) == eager.update(batch)
@@ -289,9 +275,8 @@ def test_cuda_graph_setting_changes_nothing_on_the_cpu() -> None:
 def test_a_checkpoint_keeps_the_loading_optimizers_own_flags() -> None:
     # A GPU learner's checkpoint says capturable (and maybe foreach); a CPU learner must keep its fused step.
     settings = LearnerSettings(hidden=(8,), lr=1e-2, device="cpu", seed=6)
-    original = DQNLearner(settings, 2, 2)
-    buffer = ReplayBuffer(64, 2, "cpu", seed=6)
-    two_state_mdp(buffer)
+    original = DQNLearner(settings, FEATURE_DIM, N_ACTIONS)
+    buffer = filled(64, seed=6)
     for _ in range(5):
         original.update(buffer.sample(16))
     state = original.state_dict()
@@ -299,7 +284,7 @@ def test_a_checkpoint_keeps_the_loading_optimizers_own_flags() -> None:
     gpu_flags = {"capturable": True, "fused": None, "foreach": True}
     groups = [{**g, **gpu_flags} for g in optimizer_state["param_groups"]]
     state["optimizer"] = {**optimizer_state, "param_groups": groups}
-    restored = DQNLearner(settings, 2, 2)
+    restored = DQNLearner(settings, FEATURE_DIM, N_ACTIONS)
     restored.load_state_dict(round_trip(state))
     group = restored.optimizer.param_groups[0]
     assert (group["fused"], group["capturable"], group["foreach"]) == (True, False, None)
@@ -308,23 +293,23 @@ def test_a_checkpoint_keeps_the_loading_optimizers_own_flags() -> None:
     assert_same_learner(original, restored)
 
 
-def cuda_samples(seed: int, sizes: list[int]) -> list[ReplaySamples]:
-    buffer = ReplayBuffer(256, 2, "cuda", seed=seed)
-    two_state_mdp(buffer)
-    return [ReplaySamples(*(t.clone() for t in buffer.sample(n))) for n in sizes]
+def cuda_samples(seed: int, sizes: list[int]) -> list[RowBatch]:
+    buffer = ReplayBuffer(256, "cuda", seed=seed)
+    buffer.push(mdp_rows())
+    return [RowBatch(*(t.clone() for t in buffer.sample(n))) for n in sizes]
 
 
 @cuda_only
 @pytest.mark.parametrize(
-    "tau, weight_decay", [(0.0, 0.0), (0.05, 0.0), (0.0, 1e-3)], ids=["hard-copy", "polyak", "adamw"]
+    ("tau", "weight_decay"), [(0.0, 0.0), (0.05, 0.0), (0.0, 1e-3)], ids=["hard-copy", "polyak", "adamw"]
 )
 def test_the_cuda_graph_update_matches_the_eager_one(tau: float, weight_decay: float) -> None:
     settings = LearnerSettings(
         hidden=(32, 32), lr=1e-2, tau=tau, weight_decay=weight_decay, target_update_interval=7,
         device="cuda", seed=7,
     )
-    graphed = DQNLearner(settings, 2, 2)
-    eager = DQNLearner(settings.model_copy(update={"cuda_graph": False}), 2, 2)
+    graphed = DQNLearner(settings, FEATURE_DIM, N_ACTIONS)
+    eager = DQNLearner(settings.model_copy(update={"cuda_graph": False}), FEATURE_DIM, N_ACTIONS)
     assert graphed.graphed_step is not None
     assert eager.graphed_step is None
     # Two batch sizes, and back: each gets its own graph, and all of them step the same optimizer state.
@@ -336,8 +321,8 @@ def test_the_cuda_graph_update_matches_the_eager_one(tau: float, weight_decay: f
     assert_same_learner(graphed, eager, atol=1e-6, rtol=1e-5)
 
     # Checkpoints either way round: the graphed learner restored from an eager one captures anew.
-    from_eager = DQNLearner(settings, 2, 2)
-    from_graphed = DQNLearner(settings.model_copy(update={"seed": 99}), 2, 2)
+    from_eager = DQNLearner(settings, FEATURE_DIM, N_ACTIONS)
+    from_graphed = DQNLearner(settings.model_copy(update={"seed": 99}), FEATURE_DIM, N_ACTIONS)
     from_eager.load_state_dict(round_trip(eager.state_dict()))
     from_graphed.load_state_dict(round_trip(graphed.state_dict()))
     graphed.load_state_dict(round_trip(graphed.state_dict()))  # reloading must re-capture, not go stale
@@ -362,8 +347,8 @@ def test_a_failed_capture_falls_back_to_eager_updates(
 
     monkeypatch.setattr(torch.cuda, "graph", no_capture)
     settings = LearnerSettings(hidden=(16,), lr=1e-2, target_update_interval=5, device="cuda", seed=8)
-    graphed = DQNLearner(settings, 2, 2)
-    eager = DQNLearner(settings.model_copy(update={"cuda_graph": False}), 2, 2)
+    graphed = DQNLearner(settings, FEATURE_DIM, N_ACTIONS)
+    eager = DQNLearner(settings.model_copy(update={"cuda_graph": False}), FEATURE_DIM, N_ACTIONS)
     with caplog.at_level("WARNING", logger="streamdqn.learning.graphs"):
         for batch in cuda_samples(9, [16] * 12 + [32] * 3):
             np.testing.assert_allclose(graphed.update(batch), eager.update(batch), rtol=1e-5, atol=1e-6)

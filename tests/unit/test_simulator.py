@@ -340,7 +340,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path: Path) -> 
         yield from simulate(2, seed=1)
         yield {"cpu_usage": math.nan}
 
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="JSON"):
         write_events(path, broken())
     assert path.read_text(encoding="utf-8") == "old\n"
     assert list(tmp_path.iterdir()) == [path]

@@ -1,7 +1,7 @@
-"""Replay: a preallocated tensor ring (storage), uniform sampling (sampler), and the buffer that
+"""Replay: a preallocated tensor ring of rows (storage), uniform sampling (sampler), and the buffer that
 wires them."""
 
-from streamdqn.learning.replay.buffer import ReplayBuffer, ReplaySamples
-from streamdqn.learning.replay.storage import TensorRing
+from streamdqn.learning.replay.buffer import ReplayBuffer, RowBatch
+from streamdqn.learning.replay.storage import OldReplayFormatError, TensorRing
 
-__all__ = ["ReplayBuffer", "ReplaySamples", "TensorRing"]
+__all__ = ["OldReplayFormatError", "ReplayBuffer", "RowBatch", "TensorRing"]

@@ -1,13 +1,31 @@
-"""A preallocated ring of transitions in tensors on one device (optionally in shared memory)."""
+"""A preallocated ring of replay rows in tensors on one device (optionally in shared memory).
+
+Its columns are the fields of streamdqn.stream.rows.ReplayRows, laid out from ROW_LAYOUT: the learner
+reads five of them, the verdict join rewrites rewards in place through the others.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from streamdqn.stream.rows import ROW_FIELDS, ROW_LAYOUT, ReplayRows
 
-# Bytes a transition takes: state and next state float32, action int64, reward float32, done bool.
-def transition_bytes(obs_dim: int) -> int:
-    return 2 * obs_dim * 4 + 8 + 4 + 1
+# The ring's format in a checkpoint; a replay saved in another format is refused, not misread.
+STATE_FORMAT = "rows-1"
+
+
+def _torch_dtype(dtype: np.dtype[np.generic]) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype)).dtype
+
+
+def row_bytes() -> int:
+    """Bytes one row takes in the ring."""
+    return sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for dtype, shape in ROW_LAYOUT.values())
+
+
+class OldReplayFormatError(ValueError):
+    """A replay state written by an older streamdqn (five transitions per step)."""
 
 
 class TensorRing:
@@ -17,26 +35,24 @@ class TensorRing:
     another process as well. Not thread-safe by itself: ReplayBuffer holds the lock.
     """
 
-    def __init__(self, capacity: int, obs_dim: int, device: torch.device, *, shared: bool = False) -> None:
+    def __init__(self, capacity: int, device: torch.device, *, shared: bool = False) -> None:
         if capacity < 1:
             raise ValueError(f"replay capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        self.obs_dim = obs_dim
         self.device = device
         # Allocated empty, moved to shared memory, then zeroed: zeros-then-share would hold both
         # copies at once (a peak of twice the buffer).
-        self.states = torch.empty((capacity, obs_dim), dtype=torch.float32, device=device)
-        self.next_states = torch.empty((capacity, obs_dim), dtype=torch.float32, device=device)
-        self.actions = torch.empty(capacity, dtype=torch.int64, device=device)
-        self.rewards = torch.empty(capacity, dtype=torch.float32, device=device)
-        self.dones = torch.empty(capacity, dtype=torch.bool, device=device)
+        self.columns: dict[str, torch.Tensor] = {
+            name: torch.empty((capacity, *shape), dtype=_torch_dtype(dtype), device=device)
+            for name, (dtype, shape) in ROW_LAYOUT.items()
+        }
         # [size, cursor, total rows ever written]
         self.counters = torch.zeros(3, dtype=torch.int64)
         if shared:
-            for t in self.tensors():
+            for t in self.columns.values():
                 t.share_memory_()
             self.counters.share_memory_()
-        for t in self.tensors():
+        for t in self.columns.values():
             t.zero_()
         self._c = self.counters.numpy()  # a view: element access is ~20x cheaper than on the tensor
 
@@ -48,9 +64,6 @@ class TensorRing:
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._c = self.counters.numpy()
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.states, self.actions, self.rewards, self.next_states, self.dones)
 
     @property
     def size(self) -> int:
@@ -66,20 +79,23 @@ class TensorRing:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        return sum(t.numel() * t.element_size() for t in self.columns.values())
 
-    def write(self, rows: tuple[torch.Tensor, ...]) -> None:
-        """Write rows (already on this device); if more than capacity, only the newest are kept."""
-        n = rows[0].shape[0]
-        if n == 0:
-            return
+    def write(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Write rows (already on this device); if more than capacity, only the newest are kept.
+        Returns the ring positions written, in row order."""
+        n = int(rows["horizon"].shape[0])
         if n > self.capacity:
-            rows = tuple(r[n - self.capacity :] for r in rows)
+            rows = {k: r[n - self.capacity :] for k, r in rows.items()}
             self._c[2] += n - self.capacity
             n = self.capacity
         cursor = self.cursor
+        positions = (torch.arange(n, device=self.device) + cursor) % self.capacity
+        if n == 0:
+            return positions
         first = min(n, self.capacity - cursor)
-        for dst, src in zip(self.tensors(), rows, strict=True):
+        for name, dst in self.columns.items():
+            src = rows[name]
             dst[cursor : cursor + first].copy_(src[:first], non_blocking=True)
             if first < n:
                 dst[: n - first].copy_(src[first:], non_blocking=True)
@@ -87,23 +103,45 @@ class TensorRing:
         c[0] = min(int(c[0]) + n, self.capacity)
         c[1] = (cursor + n) % self.capacity
         c[2] += n
+        return positions
 
-    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(t.index_select(0, index) for t in self.tensors())
+    def gather(self, index: torch.Tensor, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(self.columns[name].index_select(0, index) for name in names)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The stored rows in FIFO order (oldest first), on the CPU."""
+    def find(self, name: str, value: int) -> torch.Tensor:
+        """Positions among the stored rows whose column `name` equals `value`."""
+        column = self.columns[name][: self.size]
+        return torch.nonzero(column == value).reshape(-1)
+
+    def fifo_order(self) -> torch.Tensor:
         size, cursor = self.size, self.cursor
         start = (cursor - size) % self.capacity
-        order = (torch.arange(size, device=self.device) + start) % self.capacity
-        names = ("states", "actions", "rewards", "next_states", "dones")
-        out = {name: t.index_select(0, order).cpu() for name, t in zip(names, self.tensors(), strict=True)}
-        out["total_written"] = self.counters[2].clone()
+        return (torch.arange(size, device=self.device) + start) % self.capacity
+
+    def state_dict(self) -> dict[str, object]:
+        """The stored rows in FIFO order (oldest first), on the CPU."""
+        order = self.fifo_order()
+        out: dict[str, object] = {name: t.index_select(0, order).cpu() for name, t in self.columns.items()}
+        out["format"] = STATE_FORMAT
+        out["total_written"] = int(self.counters[2])
         return out
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise OldReplayFormatError(
+                "this replay state was written by an older streamdqn (five transitions per step, format "
+                f"{state.get('format', 'unversioned')!r}; this version reads {STATE_FORMAT!r})"
+            )
         self.counters.zero_()
-        rows = tuple(state[name].to(self.device)
-                     for name in ("states", "actions", "rewards", "next_states", "dones"))
+        rows = {}
+        for name in ROW_FIELDS:
+            value = state[name]
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"replay state: column {name!r} is not a tensor")
+            rows[name] = value.to(self.device)
         self.write(rows)
-        self.counters[2] = int(state["total_written"])
+        self.counters[2] = int(state["total_written"])  # type: ignore[call-overload]
+
+
+def rows_to_numpy(columns: dict[str, torch.Tensor]) -> ReplayRows:
+    return ReplayRows(*(columns[name].cpu().numpy() for name in ROW_FIELDS))
