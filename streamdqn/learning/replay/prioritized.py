@@ -51,8 +51,8 @@ class PrioritizedSampler:
         # The largest stored priority; 1.0 before any update, as in the paper.
         self.max_priority = torch.ones(1, dtype=torch.float64, device=self.device)
         if shared:
-            self.tree.share_memory_()
-            self.max_priority.share_memory_()
+            for t in (self.tree, self.max_priority):
+                t.share_memory_()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         self._shifts = torch.arange(1, self.depth + 1, device=self.device)
         self._segments = torch.empty(0, dtype=torch.float64, device=self.device)
         self.generator = _generator(self.device, seed)
@@ -114,10 +114,11 @@ class PrioritizedSampler:
         pos = positions.to(self.device, torch.int64).reshape(-1)
         values = (priorities.detach().to(self.device, torch.float64).reshape(-1).abs() + self.epsilon)
         values = values.pow(self.alpha)
+        # The running max counts every value, as applying the batch one update at a time would.
+        torch.maximum(self.max_priority, values.max(), out=self.max_priority)
         pos, values = _last_of_duplicates(pos, values)
         leaf = pos + self.leaves
         self.tree.index_copy_(0, leaf, values)
-        torch.maximum(self.max_priority, values.max(), out=self.max_priority)
         self._update_parents(leaf)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
