@@ -29,7 +29,7 @@ from streamdqn.kafka.sink import KafkaSink
 from streamdqn.kafka.source import KafkaSource
 from streamdqn.learning.checkpoints import CheckpointStore, LoadedCheckpoint
 from streamdqn.learning.learner import DQNLearner, resolve_device
-from streamdqn.learning.replay.buffer import ReplayBuffer
+from streamdqn.learning.replay.buffer import ReplayBuffer, make_replay
 from streamdqn.learning.runners import LearnerRunner, ProcessRunner, RunnerOptions, ThreadRunner
 from streamdqn.learning.settings import LearnerSettings
 from streamdqn.logs import log_event
@@ -127,7 +127,9 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
     checkpoint = checkpoints.load_latest()
 
     lock = ProcessRunner.make_lock() if process_mode else None
-    replay = ReplayBuffer(s.replay.capacity, device, shared=process_mode, lock=lock)
+    replay = make_replay(s.replay.capacity, device, prioritized=learning.prioritized,
+                         alpha=learning.priority_alpha, beta=learning.priority_beta, shared=process_mode,
+                         lock=lock)
     learner = DQNLearner(learning, FEATURE_DIM, len(Action), clip=s.episodes.feature_clip)
     pipeline = _pipeline(s, rewards, replay)
     offsets: dict[Partition, int] = {}

@@ -40,6 +40,13 @@ class LearnerSettings(BaseModel):
     """Clip the gradient's global norm to this."""
     double_dqn: bool = True
     """Double-DQN targets: the online network picks the next action, the target network values it."""
+    prioritized: bool = False
+    """Prioritized replay (proportional, Schaul et al. 2016): rows are sampled in proportion to their last
+    |TD error| ** priority_alpha, with importance weights ** priority_beta correcting the bias."""
+    priority_alpha: Annotated[float, Field(ge=0, le=1)] = 0.6
+    """How strongly priorities skew sampling (0: uniform)."""
+    priority_beta: Annotated[float, Field(ge=0, le=1)] = 0.4
+    """How fully importance weights correct for prioritized sampling (1: fully)."""
     dueling: bool = False
     """Dueling head: Q = V(s) + A(s, a) - mean_a A(s, a) over a shared MLP body."""
     device: str = "auto"

@@ -25,7 +25,7 @@ from streamdqn.errors import ConfigError
 from streamdqn.history import HistoryPoint, append_history
 from streamdqn.learning.checkpoints import CheckpointStore
 from streamdqn.learning.learner import DQNLearner, update_from
-from streamdqn.learning.replay.buffer import ReplayBuffer
+from streamdqn.learning.replay.buffer import make_replay
 from streamdqn.learning.settings import LearnerSettings
 from streamdqn.offline.options import OfflineOptions, split_hyperparameters
 from streamdqn.offline.report import plot_report
@@ -178,7 +178,8 @@ def train(
     table = rewards or RewardTable()
     learner = DQNLearner(settings, feature_dim, action_dim, clip=options.feature_clip)
     agent = Agent(learner, RunningNormalizer(feature_dim, clip=options.feature_clip), table)
-    buffer = ReplayBuffer(options.replay_capacity, learner.device, seed=seed)
+    buffer = make_replay(options.replay_capacity, learner.device, prioritized=settings.prioritized,
+                         alpha=settings.priority_alpha, beta=settings.priority_beta, seed=seed)
     fed: list[ReplayRows] = []
 
     def push(rows: ReplayRows) -> None:

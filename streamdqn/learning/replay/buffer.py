@@ -9,6 +9,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from streamdqn.learning.replay.prioritized import PrioritizedSampler
 from streamdqn.learning.replay.sampler import Sampler, UniformSampler
 from streamdqn.learning.replay.storage import TensorRing, row_bytes, rows_to_numpy
 from streamdqn.stream.rows import ROW_FIELDS, ReplayRows
@@ -27,6 +28,19 @@ class RowBatch(NamedTuple):
     horizon: torch.Tensor  # int8 [B]: ignore bootstraps gamma**horizon * Q(next); 0 = terminal
     positions: torch.Tensor  # int64 [B]: the rows' ring positions (for priorities)
     weights: torch.Tensor  # float32 [B]: importance weights (all 1 under uniform sampling)
+
+
+def make_replay(
+    capacity: int, device: torch.device | str, *, prioritized: bool = False, alpha: float = 0.6,
+    beta: float = 0.4, seed: int | None = None, shared: bool = False,
+    lock: AbstractContextManager[object] | None = None,
+) -> ReplayBuffer:
+    """A replay buffer with uniform or prioritized sampling."""
+    device = torch.device(device)
+    sampler = None
+    if prioritized:
+        sampler = PrioritizedSampler(capacity, device, alpha=alpha, beta=beta, seed=seed, shared=shared)
+    return ReplayBuffer(capacity, device, seed=seed, shared=shared, lock=lock, sampler=sampler)
 
 
 class ReplayBuffer:

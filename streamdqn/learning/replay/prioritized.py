@@ -55,7 +55,7 @@ class PrioritizedSampler:
         self.max_priority = torch.ones(1, dtype=torch.float64, device=self.device)
         if shared:
             for t in (self.tree, self.max_priority):
-                t.share_memory_()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+                t.share_memory_()
         self._shifts = torch.arange(1, self.depth + 1, device=self.device)
         # The descent goes down several levels a step: fewer, wider ops (each op's fixed cost dominates).
         steps, top = divmod(self.depth, BLOCK_LEVELS)
