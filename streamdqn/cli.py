@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=500, help="training episodes (default 500)")
     p.add_argument("--state-dir", type=Path, default=Path("state"), help="checkpoints and snapshots go here")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the episode order, initial weights and exploration (default 0)")
+                   help="seed of the episode order, initial weights and replay sampling (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--strict", action="store_true",
                    help="any rejected record is an error (default: report rejects and train on the rest)")

@@ -57,18 +57,26 @@ class Topics:
     dlq: str
     snapshots: str
     group: str
+    verdicts: str
+
+    @staticmethod
+    def fresh(bootstrap: str) -> Topics:
+        """Names no other test uses (not created yet)."""
+        tag = uuid.uuid4().hex[:10]
+        return Topics(bootstrap, f"telemetry-{tag}", f"dlq-{tag}", f"snapshots-{tag}", f"group-{tag}",
+                      f"verdicts-{tag}")
 
     def create(self, partitions: int = 4) -> Topics:
+        # The verdicts topic is co-partitioned with the telemetry, as the daemon requires.
         asyncio.run(ensure_topics(KafkaOptions(self.bootstrap, self.telemetry, self.group),
-                                  {self.telemetry: partitions, self.dlq: 1, self.snapshots: 1}))
+                                  {self.telemetry: partitions, self.verdicts: partitions, self.dlq: 1,
+                                   self.snapshots: 1}))
         return self
 
 
 @pytest.fixture
 def topics(kafka_bootstrap: str) -> Topics:
-    tag = uuid.uuid4().hex[:10]
-    return Topics(kafka_bootstrap, f"telemetry-{tag}", f"dlq-{tag}", f"snapshots-{tag}",
-                  f"group-{tag}").create()
+    return Topics.fresh(kafka_bootstrap).create()
 
 
 # ---------------------------------------------------------------- producing
@@ -257,14 +265,15 @@ def write_config(
 ) -> Path:
     base: dict[str, dict[str, object]] = {
         "kafka": {"bootstrap_servers": topics.bootstrap, "topic": topics.telemetry, "group_id": topics.group,
-                  "dlq_topic": topics.dlq, "snapshot_topic": topics.snapshots, "poll_timeout_ms": 100},
+                  "dlq_topic": topics.dlq, "snapshot_topic": topics.snapshots,
+                  "verdicts_topic": topics.verdicts, "poll_timeout_ms": 100},
         "http": {"host": "127.0.0.1", "port": port},
         "state": {"dir": str(state_dir)},
         "publish": {"interval_seconds": 3.0, "min_updates": 20, "keep": 50},
         "checkpoint": {"interval_seconds": 2.0},
         "lifecycle": {"stop_timeout_seconds": 30.0, "progress_timeout_seconds": 60.0,
                       "broker_retry_max_seconds": 2.0},
-        "learner": {"hidden": [64, 64], "epsilon_decay_steps": 2000, "updates_per_transition": 0.5},
+        "learner": {"hidden": [64, 64], "updates_per_transition": 0.5},
         "replay": {"capacity": 50_000, "min_size": 100},
         "log": {"json": True, "level": "INFO"},
     }
@@ -303,8 +312,7 @@ def make_daemon(tmp_path: Path) -> Iterator[object]:
 @pytest.fixture(scope="session")
 def live_daemon(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     tmp = tmp_path_factory.mktemp("live")
-    tag = uuid.uuid4().hex[:10]
-    t = Topics(kafka_bootstrap, f"telemetry-{tag}", f"dlq-{tag}", f"snapshots-{tag}", f"group-{tag}").create()
+    t = Topics.fresh(kafka_bootstrap).create()
     events = sim_events(40, seed=11)
     produce(t.bootstrap, t.telemetry, [*encode_events(events), Message(b"\x00not telemetry")])
     port = free_port()

@@ -20,7 +20,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from aiokafka import AIOKafkaConsumer
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from streamdqn.daemon.state import DaemonState, offsets_for_log
 from streamdqn.kafka.broker import EmbeddedBroker, free_port
 from streamdqn.learning.checkpoints import CheckpointStore
 from streamdqn.snapshots.store import sha256_hex
@@ -69,8 +69,7 @@ def events_named(daemon: DaemonProcess, name: str) -> list[dict[str, object]]:
 
 
 def new_topics(bootstrap: str) -> Topics:
-    tag = uuid.uuid4().hex[:10]
-    return Topics(bootstrap, f"telemetry-{tag}", f"dlq-{tag}", f"snapshots-{tag}", f"group-{tag}")
+    return Topics.fresh(bootstrap)
 
 
 def shifted(episodes: int, seed: int, offset: int, sandboxes: int = 6) -> list[dict[str, object]]:
@@ -285,7 +284,8 @@ def _check_state(state_dir: Path) -> tuple[dict[str, int], int]:
     assert loaded is not None
     newest = max(int(p.name[5:15]) for p in store.root.glob("ckpt-*.pt"))
     assert loaded.sequence == newest, "the newest checkpoint file is unreadable"
-    assert {"learner", "pipeline", "offsets", "replay"} <= set(loaded.state)
+    state = DaemonState.from_checkpoint(loaded.state, str(loaded.path))
+    assert state.replay is not None
 
     latest = state_dir / "snapshots" / "latest"
     version = os.readlink(latest)
@@ -298,8 +298,7 @@ def _check_state(state_dir: Path) -> tuple[dict[str, int], int]:
     assert q.shape == (2, 5)
     assert np.isfinite(q).all()
     assert actions.shape == (2,)
-    offsets = {str(p): int(o) for p, o in loaded.state["offsets"].items()}
-    return offsets, int(loaded.state["pipeline"]["counters"]["events_consumed"])
+    return offsets_for_log(state.offsets), state.stream.counters.events_consumed
 
 
 @pytest.mark.slow
@@ -360,7 +359,7 @@ def test_sigterm_mid_backlog_exits_0_with_final_checkpoint_and_snapshot(topics, 
     # (backpressure) on a fast idle machine too, so the backlog takes a while and the signal lands
     # mid-stream.
     daemon = make_daemon(topics, lifecycle={"stop_timeout_seconds": stop_timeout},
-                         learner={"updates_per_transition": 2.0, "max_lag_ratio": 1.5}).start()
+                         learner={"updates_per_transition": 2.0, "min_samples_per_insert": 64.0}).start()
     daemon.wait_for(lambda: daemon.metric("streamdqn_learner_updates_total") >= 20, 60, "learning")
     consumed = daemon.metric("streamdqn_events_consumed_total")
     assert 0 < consumed < len(backlog), "the backlog was gone before the signal; make it larger"
@@ -384,7 +383,8 @@ def test_sigterm_mid_backlog_exits_0_with_final_checkpoint_and_snapshot(topics, 
     loaded = CheckpointStore(daemon.state_dir / "checkpoints").load_latest()
     assert loaded is not None
     assert loaded.path == Path(str(final_checkpoint[0]["path"]))
-    assert loaded.state["pipeline"]["counters"]["events_consumed"] == final_checkpoint[0]["events_consumed"]
+    state = DaemonState.from_checkpoint(loaded.state, str(loaded.path))
+    assert state.stream.counters.events_consumed == final_checkpoint[0]["events_consumed"]
     assert os.readlink(daemon.state_dir / "snapshots" / "latest") == str(final_snapshot[0]["version"])
     assert_clean_log(daemon)
 

@@ -67,8 +67,7 @@ SMALL = {**FAST, "publish": {"interval_seconds": 5.0, "min_updates": 20, "keep":
 
 
 def new_topics(bootstrap: str) -> Topics:
-    tag = uuid.uuid4().hex[:10]
-    return Topics(bootstrap, f"telemetry-{tag}", f"dlq-{tag}", f"snapshots-{tag}", f"group-{tag}")
+    return Topics.fresh(bootstrap)
 
 
 def request(daemon: DaemonProcess, path: str, token: str | None = None) -> tuple[int, bytes, dict[str, str]]:
