@@ -139,7 +139,7 @@ class SnapshotStore:
             raise ValueError(f"unknown channel {channel!r}; channels are {', '.join(CHANNELS)}")
         with store_lock(self.root):
             self._book.settle(actor)
-            version = max([*self.versions(), read_link_version(self.root / LATEST) or 0]) + 1
+            version = max(self.versions(), default=0) + 1
             manifest = Manifest(
                 **msgspec.structs.asdict(info), schema_version=SCHEMA_VERSION, version=version,
                 created_at=time.time(), sha256=sha256_hex(model), model_file=MODEL_FILE, onnx=onnx,
