@@ -68,11 +68,12 @@ class PullResult:
 
 def format_pull_result(result: PullResult) -> str:
     checked = f"{result.signature} signature verified" if result.signature else "signature not checked"
-    source = f"{result.channel} snapshot" if result.channel else "snapshot"
+    if result.channel:
+        checked += f", {result.channel} channel"
     if not result.changed:
-        return f"{source} {result.version} in {result.out_dir} is current ({checked})"
+        return f"snapshot {result.version} in {result.out_dir} is current ({checked})"
     return (
-        f"pulled {source} {result.version} into {result.out_dir} "
+        f"pulled snapshot {result.version} into {result.out_dir} "
         f"(sha256 {result.sha256[:12]} ok, {checked})"
     )
 

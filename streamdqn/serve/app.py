@@ -17,10 +17,10 @@ canary_bucket < canary_fraction) gets the canary; everyone else, and every reque
 header, gets `stable`.
 
 Thousands of sandboxes poll `latest/manifest.json` with If-None-Match, so the common answer is a
-304 from memory: each request resolves its channel once (two readlinks, and a stat of the pins file
-that is re-read only when it changed) and stats the version directory in a worker thread, and the
-files of the few most recent versions are held in a small LRU. A channel change is therefore seen by
-the next request. The event loop never reads snapshot files itself.
+304 from memory: in one worker-thread hop each request resolves its channel (two readlinks and, with
+X-Sandbox-Id, a read of the small pins file, parsed only when it changed) and stats the version
+directory, and the files of the few most recent versions are held in a small LRU. A channel change is
+therefore seen by the next request. The event loop never reads snapshot files itself.
 
 The path is never joined from request text: the version segment must be `latest` or a canonical
 ASCII decimal (1-12 digits, no sign, no leading zero), the file name one of two constants.
@@ -109,7 +109,7 @@ class SnapshotFiles:
         self._cache_size = max(1, cache_versions)
         self._lock = threading.Lock()
         self._pins: dict[str, int] = {}
-        self._pins_identity: tuple[int, int, int, int] | None = None
+        self._pins_bytes: bytes | None = None
 
     def latest_version(self) -> int | None:
         """Read the stable channel once; None when nothing is published."""
@@ -122,27 +122,28 @@ class SnapshotFiles:
         return {"latest": self.latest_version(), "versions": self.versions()}
 
     def pins(self) -> dict[str, int]:
-        """The pins file, re-read only when its identity changed (it is replaced atomically).
+        """The pins file, parsed again only when its bytes changed.
 
-        A pins file that does not parse (edited by hand) keeps the last good pins in force.
+        Read whole on every routed request (it is small): a stat could miss a change, since an
+        atomically replaced file can get the old inode number back within one mtime tick. A pins file
+        that does not parse (edited by hand) keeps the last good pins in force.
         """
         try:
-            st = os.stat(self.root / PINS_FILE)
+            data = (self.root / PINS_FILE).read_bytes()
         except FileNotFoundError:
             return {}
         except OSError:
             return self._pins
-        identity = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
         with self._lock:
-            if identity == self._pins_identity:
+            if data == self._pins_bytes:
                 return self._pins
         try:
-            pins = layout.read_pins(self.root)
-        except (OSError, ValueError) as exc:
+            pins = layout.parse_pins(data)
+        except ValueError as exc:
             log.warning("%s is unreadable, keeping the previous pins: %s", self.root / PINS_FILE, exc)
             return self._pins
         with self._lock:
-            self._pins, self._pins_identity = pins, identity
+            self._pins, self._pins_bytes = pins, data
         return pins
 
     def channels(self, canary_fraction: float) -> dict[str, Any]:
