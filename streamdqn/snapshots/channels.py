@@ -219,6 +219,8 @@ class ChannelBook:
         target = canary if version is None else version
         if target is None:
             raise SnapshotConflictError(f"no canary under {self.root} to promote; name a version to promote")
+        if target == channel_version(self.root, STABLE):
+            raise SnapshotConflictError(f"stable already serves {target}")
         check(target)
         self.point(STABLE, target, "promote", actor, reason)
         if canary == target:

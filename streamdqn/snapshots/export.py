@@ -138,7 +138,7 @@ def publish_snapshot(
     channel: Channel | None = STABLE,
     signer: Signer | None = None,
 ) -> Snapshot:
-    """Export, check and publish `q` with its manifest."""
+    """Export, check and publish `q` with its manifest, pointing `channel` at it (None: no channel)."""
     model = export_onnx(q)
     diff = check_onnx(model, q, probe)
     info = describe_policy(q, provenance or Provenance(), rewards or RewardTable(), evaluation)

@@ -8,7 +8,7 @@ offline evaluator and the sandbox-side client. No torch or onnx here.
     snapshots/latest -> <version>          (the same version as `stable`, for readers from before channels)
     snapshots/pins.json                    {"<sandbox id>": <version>, ...}, replaced atomically
     snapshots/channels.log                 one JSON line per channel change, append-only
-    snapshots/.lock                        flock'd by every writer (streamdqn.snapshots.store)
+    snapshots/store.lock                   flock'd by every writer (streamdqn.snapshots.store)
 
 A version is a canonical ASCII decimal: 1-12 digits, no sign, no leading zero. `\\d` would also match
 Arabic-Indic or fullwidth digits, which int() turns into numbers, so one version could have several
@@ -35,7 +35,7 @@ CANARY: Final = "canary"
 CHANNELS: tuple[Channel, ...] = (STABLE, CANARY)
 PINS_FILE = "pins.json"
 HISTORY_FILE = "channels.log"
-LOCK_FILE = ".lock"
+LOCK_FILE = "store.lock"
 VERSION_RE = re.compile(r"[1-9][0-9]{0,11}", re.ASCII)
 MAX_SANDBOX_ID_CHARS = 256
 

@@ -85,6 +85,8 @@ def test_promote_demote_and_rollback_walk_the_history(tmp_path: Path) -> None:
     assert store.demote(reason="bad").canary is None
     assert store.channels().stable == 4
     assert store.promote(1).stable == 1  # an explicit version
+    with pytest.raises(SnapshotConflictError, match="already serves 1"):
+        store.promote(1)
     assert read_history(tmp_path)[-1].action == "promote"
 
 
