@@ -40,6 +40,10 @@ from streamdqn.snapshots.layout import (
 )
 
 POINTER_TEMP_PREFIX = ".ptr-"
+HISTORY_COMPACT_BYTES = 256 * 1024
+"""channels.log is compacted past this size (a daemon publishing every 15 s writes ~1 MiB a day):
+the old log moves to channels.log.1 and the new one starts with the stable lineage."""
+LINEAGE_KEPT = 100
 _CANARY_SALT = b"streamdqn-canary\0"
 
 
@@ -279,5 +283,23 @@ class ChannelBook:
             torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
             os.write(fd, (b"\n" if torn else b"") + entry.to_json())
             os.fsync(fd)
+            size = os.fstat(fd).st_size
         finally:
             os.close(fd)
+        if size > HISTORY_COMPACT_BYTES:
+            self._compact(actor)
+
+    def _compact(self, actor: str) -> None:
+        """Keep the old log as channels.log.1, and start a new one that replays to the same lineage
+        (its last LINEAGE_KEPT stables) and the same canary."""
+        log = self.root / HISTORY_FILE
+        old = log.read_bytes()
+        history = read_history(self.root)
+        now = time.time()
+        lines = [HistoryEntry(now, "compact", STABLE, v, None, actor, "history compacted")
+                 for v in stable_lineage(history)[-LINEAGE_KEPT:]]
+        canary = channel_version(self.root, CANARY)
+        if canary is not None:
+            lines.append(HistoryEntry(now, "compact", CANARY, canary, None, actor, "history compacted"))
+        atomic_write_bytes(self.root / f"{HISTORY_FILE}.1", old)
+        atomic_write_bytes(log, b"".join(e.to_json() for e in lines))

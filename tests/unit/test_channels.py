@@ -202,6 +202,25 @@ def test_a_torn_history_line_is_skipped_and_does_not_swallow_the_next(tmp_path: 
     assert store.rollback().stable == 1
 
 
+def test_history_is_compacted_and_replays_to_the_same_lineage(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamdqn.snapshots import channels
+
+    monkeypatch.setattr(channels, "HISTORY_COMPACT_BYTES", 4096)
+    store = SnapshotStore(tmp_path, keep=1000)
+    for i in range(40):
+        put(store, str(i))
+    store.rollback()  # abandons 40
+    put(store, "canary", channel="canary")  # 41
+    lineage = stable_lineage(read_history(tmp_path))
+    assert (tmp_path / f"{HISTORY_FILE}.1").exists()
+    assert read_history(tmp_path)[0].action == "compact"
+    assert lineage == list(range(1, 40))
+    record = store.channels()
+    assert (record.stable, record.previous_stable, record.canary) == (39, 38, 41)
+    assert store.rollback().stable == 38
+
+
 def test_lineage_rules() -> None:
     from streamdqn.snapshots.channels import HistoryEntry
 
