@@ -139,7 +139,7 @@ def test_retention_prunes_old_versions_but_never_latest(tmp_path: Path) -> None:
     assert 3 in store.versions()
     assert store.versions()[-2:] == [5, 6]
     assert (tmp_path / LATEST / MODEL_FILE).read_bytes() == b"m2"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 1"):
         SnapshotStore(tmp_path, keep=0)
 
 
