@@ -94,8 +94,30 @@ def _pull(args: argparse.Namespace) -> int:
 
     token = args.token_file.read_text().strip() if args.token_file else ""
     verifier = load_verifier(args.verify_alg, str(args.verify_key)) if args.verify_key else None
-    print(format_pull_result(pull(args.url, args.out, token=token, verifier=verifier)))
+    print(format_pull_result(pull(args.url, args.out, token=token, verifier=verifier,
+                                  sandbox_id=args.sandbox_id)))
     return 0
+
+
+def _snapshots(args: argparse.Namespace) -> int:
+    from streamdqn.snapshots.rollout_cli import RolloutCommand, run_rollout
+
+    root = args.dir if args.dir is not None else args.state_dir / "snapshots"
+    print(run_rollout(RolloutCommand(args.action, root, getattr(args, "version", None),
+                                     getattr(args, "sandbox_id", None), getattr(args, "reason", ""),
+                                     args.json)))
+    return 0
+
+
+def _snapshot_version(text: str) -> int:
+    """A version argument: a canonical ASCII decimal, so "١٢" or "012" is refused rather than read as 12."""
+    from streamdqn.snapshots.layout import parse_version
+
+    version = parse_version(text.strip())
+    if version is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a snapshot version (1 to 12 ASCII digits, no sign, no leading zero)")
+    return version
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -234,13 +256,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path, help="file holding the bearer token, if the server needs one")
     p.add_argument("--verify-key", type=Path, help="public key (ed25519) or shared secret (hmac-sha256)")
     p.add_argument("--verify-alg", choices=["ed25519", "hmac-sha256"], default="ed25519")
+    p.add_argument("--sandbox-id", metavar="ID",
+                   help="this sandbox's id: the server answers with its pin, the canary or stable")
     p.set_defaults(func=_pull)
+
+    _add_snapshots_parser(sub)
 
     p = sub.add_parser("report", help="draw training curves (return, loss, replay ratio, snapshots) as a PNG")
     p.add_argument("--state", type=Path, default=Path("state"), help="the state directory of a run")
     p.add_argument("--out", type=Path, default=Path("report.png"))
     p.set_defaults(func=_report)
     return parser
+
+
+def _add_snapshots_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("snapshots", help="channels, pins and rollback of a snapshot store",
+                       description="Show and change what sandboxes are served: the stable and canary "
+                       "channels and per-sandbox pins. Safe while the daemon runs: it serves a change "
+                       "on the next request.")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    where = argparse.ArgumentParser(add_help=False)
+    place = where.add_mutually_exclusive_group(required=True)
+    place.add_argument("--dir", type=Path, help="the snapshot store (the daemon's <state-dir>/snapshots)")
+    place.add_argument("--state-dir", type=Path, help="the daemon's state directory (its snapshots/)")
+    where.add_argument("--json", action="store_true", help="print the result as JSON")
+    why = argparse.ArgumentParser(add_help=False)
+    why.add_argument("--reason", default="", help="recorded in channels.log with the change")
+
+    actions.add_parser("list", parents=[where], help="channels, pins, versions and recent changes")
+    a = actions.add_parser("pin", parents=[where, why], help="serve VERSION to one sandbox until unpinned")
+    a.add_argument("version", type=_snapshot_version, metavar="VERSION")
+    a.add_argument("--sandbox-id", required=True, metavar="ID")
+    a = actions.add_parser("unpin", parents=[where, why], help="the sandbox follows the channels again")
+    a.add_argument("--sandbox-id", required=True, metavar="ID")
+    a = actions.add_parser("rollback", parents=[where, why],
+                           help="point stable at the previous stable version (or --to VERSION)")
+    a.add_argument("--to", dest="version", type=_snapshot_version, metavar="VERSION")
+    a = actions.add_parser("promote", parents=[where, why],
+                           help="point stable at the canary (or at VERSION) and clear the canary")
+    a.add_argument("version", type=_snapshot_version, nargs="?", metavar="VERSION")
+    actions.add_parser("demote", parents=[where, why], help="take the canary out")
+    p.set_defaults(func=_snapshots)
 
 
 _TRAIN_OPTIONS: set[str] = set()

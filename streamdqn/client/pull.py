@@ -2,6 +2,10 @@
 
     pull(url, out_dir)  ->  out_dir/model.onnx, out_dir/manifest.json, out_dir/.etag
 
+With `sandbox_id`, the poll sends `X-Sandbox-Id` and the server answers with that sandbox's channel
+(its pin, the canary while it is in the canary share, else stable); the answer's `X-Snapshot-Channel`
+is reported in PullResult.channel.
+
 A poll is a conditional GET of `latest/manifest.json`; an unchanged policy costs one 304. A new
 manifest names its version, and the model is fetched from that version's own URL, so the pair
 matches even if `latest` moves in between. Nothing local changes unless the model's sha256 matches
@@ -24,11 +28,11 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from streamdqn.atomic import atomic_write_bytes, fsync_dir
 from streamdqn.errors import ConfigError, SnapshotError, SnapshotVerifyError
-from streamdqn.snapshots.layout import MANIFEST_FILE, MODEL_FILE
+from streamdqn.snapshots.layout import MANIFEST_FILE, MODEL_FILE, sandbox_id_problem
 from streamdqn.snapshots.signing import Verifier, verify_manifest
 
 ETAG_FILE = ".etag"
@@ -36,6 +40,8 @@ MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_MODEL_BYTES = 1024 * 1024 * 1024
 _SHA256_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
 _USER_AGENT = "streamdqn-pull/1"
+SANDBOX_HEADER = "X-Sandbox-Id"
+CHANNEL_HEADER = "X-Snapshot-Channel"
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class PullResult:
     out_dir: Path
     signature: str | None
     """The algorithm whose signature was verified, or None when no verifier was given."""
+    channel: str | None = None
+    """What the server said it served (stable, canary, pinned); None from a server without channels."""
 
     @property
     def model_path(self) -> Path:
@@ -60,6 +68,8 @@ class PullResult:
 
 def format_pull_result(result: PullResult) -> str:
     checked = f"{result.signature} signature verified" if result.signature else "signature not checked"
+    if result.channel:
+        checked += f", {result.channel} channel"
     if not result.changed:
         return f"snapshot {result.version} in {result.out_dir} is current ({checked})"
     return (
@@ -75,37 +85,48 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 
 
 def pull(
-    url: str, out_dir: Path, *, token: str = "", verifier: Verifier | None = None, timeout: float = 30
+    url: str,
+    out_dir: Path,
+    *,
+    token: str = "",
+    verifier: Verifier | None = None,
+    timeout: float = 30,
+    sandbox_id: str | None = None,
 ) -> PullResult:
     """Bring `out_dir` up to the server's latest snapshot; raises SnapshotError / SnapshotVerifyError.
 
     `url` is the server's base URL (http://host:8765). With a `verifier`, an unsigned or badly
-    signed manifest is refused. On any failure the previous local copy stays as it was.
+    signed manifest is refused. With `sandbox_id`, the server picks this sandbox's channel. On any
+    failure the previous local copy stays as it was.
     """
     base = _base_url(url)
     token = token.strip()
     if any(c in token for c in "\r\n\0"):
         raise ConfigError("the bearer token contains control characters; check the token file")
+    if sandbox_id is not None:
+        problem = sandbox_id_problem(sandbox_id)
+        if problem is not None or not sandbox_id.isascii():
+            raise ConfigError(f"--sandbox-id {sandbox_id!r}: {problem or 'HTTP headers carry ASCII only'}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     client = _Client(base, token, timeout)
 
     local = _local_snapshot(out_dir, verifier)
-    status, etag, manifest_bytes = client.get(
-        "/snapshots/latest/manifest.json", MAX_MANIFEST_BYTES, if_none_match=local[1] if local else None
-    )
+    latest = client.get("/snapshots/latest/manifest.json", MAX_MANIFEST_BYTES,
+                        if_none_match=local[1] if local else None, sandbox_id=sandbox_id)
+    status, etag, manifest_bytes, channel = latest
     if status == 304:
         if local is None:  # a server that ignores our (absent) If-None-Match
             raise SnapshotError(f"{base} answered 304 to an unconditional request")
         manifest = local[0]
         return PullResult(False, manifest["version"], manifest["sha256"], out_dir,
-                          verifier.algorithm if verifier else None)
+                          verifier.algorithm if verifier else None, channel)
 
     manifest = _parse_manifest(manifest_bytes, base)
     version = manifest["version"]
     if verifier is not None:
         verify_manifest(manifest, verifier)
-    _, _, model = client.get(f"/snapshots/{version}/{MODEL_FILE}", MAX_MODEL_BYTES)
+    model = client.get(f"/snapshots/{version}/{MODEL_FILE}", MAX_MODEL_BYTES).body
     actual = hashlib.sha256(model).hexdigest()
     if actual != manifest["sha256"]:
         raise SnapshotVerifyError(
@@ -117,7 +138,7 @@ def pull(
         atomic_write_bytes(out_dir / ETAG_FILE, etag.encode("ascii", "replace"))
     else:
         (out_dir / ETAG_FILE).unlink(missing_ok=True)
-    return PullResult(True, version, actual, out_dir, verifier.algorithm if verifier else None)
+    return PullResult(True, version, actual, out_dir, verifier.algorithm if verifier else None, channel)
 
 
 def _base_url(url: str) -> str:
@@ -135,6 +156,13 @@ def _opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(_NoRedirects)
 
 
+class _Answer(NamedTuple):
+    status: int
+    etag: str | None
+    body: bytes
+    channel: str | None
+
+
 class _Client:
     def __init__(self, base: str, token: str, timeout: float) -> None:
         self.base = base
@@ -143,9 +171,9 @@ class _Client:
         self._opener = _opener()
 
     def get(
-        self, path: str, limit: int, *, if_none_match: str | None = None
-    ) -> tuple[int, str | None, bytes]:
-        """GET base+path: (status, ETag, body) for 200 or 304; SnapshotError for anything else."""
+        self, path: str, limit: int, *, if_none_match: str | None = None, sandbox_id: str | None = None
+    ) -> _Answer:
+        """GET base+path: the answer to a 200 or 304; SnapshotError for anything else."""
         url = self.base + path
         headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
         request = urllib.request.Request(url, headers=headers)
@@ -153,16 +181,19 @@ class _Client:
             request.add_header("Authorization", f"Bearer {self.token}")
         if if_none_match:
             request.add_header("If-None-Match", if_none_match)
+        if sandbox_id:
+            request.add_header(SANDBOX_HEADER, sandbox_id)
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
                 body = response.read(limit + 1)
                 if len(body) > limit:
                     raise SnapshotError(f"{url}: response over {limit} bytes; is this a streamdqn server?")
-                return response.status, response.headers.get("ETag"), body
+                return _Answer(response.status, response.headers.get("ETag"), body,
+                               response.headers.get(CHANNEL_HEADER))
         except urllib.error.HTTPError as exc:
             exc.close()  # it holds the connection
             if exc.code == 304:
-                return 304, exc.headers.get("ETag"), b""
+                return _Answer(304, exc.headers.get("ETag"), b"", exc.headers.get(CHANNEL_HEADER))
             raise SnapshotError(self._explain(url, exc.code)) from None
         except urllib.error.URLError as exc:
             raise SnapshotError(self._unreachable(exc.reason)) from None

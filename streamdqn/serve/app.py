@@ -4,13 +4,23 @@
     GET /readyz                                200 or 503, ready()'s details as JSON (never needs a token)
     GET /metrics                               render_metrics() (token only with protect_metrics)
     GET /snapshots                             {"latest": v, "versions": [...]}
-    GET /snapshots/latest/{model.onnx,manifest.json}      Cache-Control: no-cache, X-Snapshot-Version
+    GET /snapshots/channels                    {"stable", "canary", "latest", "previous_stable", "pins",
+                                                "canary_fraction"}
+    GET /snapshots/latest/{model.onnx,manifest.json}      Cache-Control: no-cache, X-Snapshot-Version,
+                                                          X-Snapshot-Channel, Vary: X-Sandbox-Id
     GET /snapshots/<version>/{model.onnx,manifest.json}   immutable, cacheable for a year
+    POST /admin/snapshots/{promote,demote,rollback,pin,unpin}   only with an admin token (serve.admin)
+
+`latest` is routed by the request's `X-Sandbox-Id`: a pinned sandbox gets its pin (channel `pinned`);
+while a canary is out, a sandbox whose id hashes into the canary share (streamdqn.snapshots.channels.
+canary_bucket < canary_fraction) gets the canary; everyone else, and every request without the
+header, gets `stable`.
 
 Thousands of sandboxes poll `latest/manifest.json` with If-None-Match, so the common answer is a
-304 from memory: each request resolves `latest` once and stats the version directory in a worker
-thread, and the files of the few most recent versions are held in a small LRU. The event loop never
-reads snapshot files itself.
+304 from memory: in one worker-thread hop each request resolves its channel (two readlinks and, with
+X-Sandbox-Id, a read of the small pins file, parsed only when it changed) and stats the version
+directory, and the files of the few most recent versions are held in a small LRU. A channel change is
+therefore seen by the next request. The event loop never reads snapshot files itself.
 
 The path is never joined from request text: the version segment must be `latest` or a canonical
 ASCII decimal (1-12 digits, no sign, no leading zero), the file name one of two constants.
@@ -20,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -34,14 +43,28 @@ from typing import Any
 
 from aiohttp import web
 
+from streamdqn.serve.admin import admin_routes
+from streamdqn.serve.auth import bearer_token, token_matches
 from streamdqn.snapshots import layout
-from streamdqn.snapshots.layout import LATEST, MANIFEST_FILE, MODEL_FILE, VERSION_RE
+from streamdqn.snapshots.channels import in_canary_share, previous_stable, read_history
+from streamdqn.snapshots.layout import (
+    CANARY,
+    LATEST,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    PINS_FILE,
+    STABLE,
+    VERSION_RE,
+)
 
 log = logging.getLogger(__name__)
 
 _FILES = {MODEL_FILE: "application/octet-stream", MANIFEST_FILE: "application/json"}
 CACHE_VERSIONS = 4
 IMMUTABLE = "max-age=31536000, immutable"
+SANDBOX_HEADER = "X-Sandbox-Id"
+CHANNEL_HEADER = "X-Snapshot-Channel"
+PINNED = "pinned"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 App = web.Application
@@ -64,6 +87,14 @@ class _NotFound(Exception):
     """The version does not exist (or is not a complete snapshot)."""
 
 
+@dataclass(frozen=True)
+class Route:
+    """Which version a `latest` request gets, and why: `stable`, `canary` or `pinned`."""
+
+    version: int
+    channel: str
+
+
 class SnapshotFiles:
     """Read-only view of a snapshot directory with a bounded per-version cache.
 
@@ -77,9 +108,11 @@ class SnapshotFiles:
         self._cache: OrderedDict[int, _VersionFiles] = OrderedDict()
         self._cache_size = max(1, cache_versions)
         self._lock = threading.Lock()
+        self._pins: dict[str, int] = {}
+        self._pins_bytes: bytes | None = None
 
     def latest_version(self) -> int | None:
-        """Read the `latest` symlink once; None when nothing is published."""
+        """Read the stable channel once; None when nothing is published."""
         return layout.latest_version(self.root)
 
     def versions(self) -> list[int]:
@@ -88,8 +121,59 @@ class SnapshotFiles:
     def listing(self) -> dict[str, Any]:
         return {"latest": self.latest_version(), "versions": self.versions()}
 
+    def pins(self) -> dict[str, int]:
+        """The pins file, parsed again only when its bytes changed.
+
+        Read whole on every routed request (it is small): a stat could miss a change, since an
+        atomically replaced file can get the old inode number back within one mtime tick. A pins file
+        that does not parse (edited by hand) keeps the last good pins in force.
+        """
+        try:
+            data = (self.root / PINS_FILE).read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError:
+            return self._pins
+        with self._lock:
+            if data == self._pins_bytes:
+                return self._pins
+        try:
+            pins = layout.parse_pins(data)
+        except ValueError as exc:
+            log.warning("%s is unreadable, keeping the previous pins: %s", self.root / PINS_FILE, exc)
+            return self._pins
+        with self._lock:
+            self._pins, self._pins_bytes = pins, data
+        return pins
+
+    def channels(self, canary_fraction: float) -> dict[str, Any]:
+        stable = layout.channel_version(self.root, STABLE)
+        return {"stable": stable, "canary": layout.channel_version(self.root, CANARY), "latest": stable,
+                "previous_stable": previous_stable(read_history(self.root), stable),
+                "pins": dict(sorted(self.pins().items())), "canary_fraction": canary_fraction}
+
+    def route(self, sandbox_id: str | None, canary_fraction: float) -> Route:
+        """The version a `latest` request gets now, or _NotFound."""
+        if sandbox_id is not None:
+            pinned = self.pins().get(sandbox_id)
+            if pinned is not None:
+                return Route(pinned, PINNED)
+            if canary_fraction > 0 and in_canary_share(sandbox_id, canary_fraction):
+                canary = layout.channel_version(self.root, CANARY)
+                if canary is not None:
+                    return Route(canary, CANARY)
+        stable = layout.channel_version(self.root, STABLE)
+        if stable is None:
+            raise _NotFound("no snapshot published yet to the stable channel")
+        return Route(stable, STABLE)
+
+    def load_latest(self, sandbox_id: str | None, canary_fraction: float) -> tuple[Route, _VersionFiles]:
+        """route() and load() in one call, so that one thread hop answers a `latest` request."""
+        route = self.route(sandbox_id, canary_fraction)
+        return route, self.load(route.version)
+
     def load(self, version: int | None) -> _VersionFiles:
-        """The files of `version` (None: resolve `latest` now), or _NotFound. Blocking: run in a thread."""
+        """The files of `version` (None: resolve stable now), or _NotFound. Blocking: run in a thread."""
         if version is None:
             version = self.latest_version()
             if version is None:
@@ -141,21 +225,13 @@ def etag_matches(if_none_match: str, etag: str) -> bool:
     return False
 
 
-def _bearer_token(request: web.Request) -> str | None:
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return value.strip()
-
-
 def _require_token(token: str, handler: Handler) -> Handler:
     """Wrap `handler` so that it answers 401 without `Authorization: Bearer <token>`."""
     expected = token.encode()
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        given = _bearer_token(request)
-        # compare_digest on bytes: constant time, and no TypeError on non-ASCII input.
-        if given is None or not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
+        given = bearer_token(request)
+        if given is None or not token_matches(given, expected):
             challenge = 'Bearer realm="streamdqn"'
             if given is not None:
                 challenge += ', error="invalid_token"'
@@ -178,8 +254,18 @@ def build_app(
     token: str = "",
     protect_metrics: bool = False,
     cache_versions: int = CACHE_VERSIONS,
+    canary_fraction: float = 0.0,
+    admin_token: str = "",
 ) -> web.Application:
-    """The aiohttp application; `token` (if set) guards /snapshots* and, with protect_metrics, /metrics."""
+    """The aiohttp application; `token` (if set) guards /snapshots* and, with protect_metrics, /metrics.
+
+    `canary_fraction` (0..1) is the share of sandbox ids served the canary while one is out.
+    `admin_token` enables POST /admin/snapshots/* (404 without it); it must differ from `token`.
+    """
+    if not 0.0 <= canary_fraction <= 1.0:
+        raise ValueError(f"canary_fraction must be between 0 and 1, got {canary_fraction}")
+    if admin_token and admin_token == token:
+        raise ValueError("the admin token must differ from the snapshot token")
     files = SnapshotFiles(snapshots_dir, cache_versions)
     immutable = ("private, " if token else "public, ") + IMMUTABLE
 
@@ -202,15 +288,26 @@ def build_app(
         listing = await asyncio.to_thread(files.listing)
         return web.json_response(listing, headers={"Cache-Control": "no-cache"})
 
+    async def snapshot_channels(request: web.Request) -> web.StreamResponse:
+        listing = await asyncio.to_thread(files.channels, canary_fraction)
+        return web.json_response(listing, headers={"Cache-Control": "no-cache"})
+
     async def snapshot_file(request: web.Request) -> web.StreamResponse:
         segment, name = request.match_info["version"], request.match_info["name"]
         if name not in _FILES or not (segment == LATEST or VERSION_RE.fullmatch(segment)):
             raise web.HTTPNotFound()
         is_latest = segment == LATEST
+        sandbox_id = request.headers.get(SANDBOX_HEADER, "").strip() or None
+        if sandbox_id is not None and (problem := layout.sandbox_id_problem(sandbox_id)):
+            return web.json_response({"error": f"{SANDBOX_HEADER}: {problem}"}, status=400)
+        route: Route | None = None
         try:
-            # One thread hop resolves `latest` once and returns that version's files, so the
+            # One thread hop resolves the channel once and returns that version's files, so the
             # manifest and model of one request always belong to the same version.
-            snap = await asyncio.to_thread(files.load, None if is_latest else int(segment))
+            if is_latest:
+                route, snap = await asyncio.to_thread(files.load_latest, sandbox_id, canary_fraction)
+            else:
+                snap = await asyncio.to_thread(files.load, int(segment))
         except _NotFound as exc:
             return web.json_response({"error": str(exc)}, status=404)
         if name == MODEL_FILE:
@@ -223,6 +320,9 @@ def build_app(
             "X-Snapshot-Version": str(snap.version),
             "X-Content-Type-Options": "nosniff",
         }
+        if route is not None:
+            headers[CHANNEL_HEADER] = route.channel
+            headers["Vary"] = SANDBOX_HEADER  # a shared cache must not hand one sandbox's channel to another
         if etag_matches(request.headers.get("If-None-Match", ""), etag):
             return web.Response(status=304, headers=headers)
         headers["Content-Type"] = _FILES[name]
@@ -233,7 +333,10 @@ def build_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", guard(metrics) if protect_metrics else metrics)
     app.router.add_get("/snapshots", guard(snapshot_index))
+    app.router.add_get("/snapshots/channels", guard(snapshot_channels))
     app.router.add_get("/snapshots/{version}/{name}", guard(snapshot_file))
+    if admin_token:
+        app.router.add_routes(admin_routes(Path(snapshots_dir), admin_token))
     return app
 
 

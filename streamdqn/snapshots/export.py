@@ -20,6 +20,7 @@ import torch
 
 from streamdqn.errors import SnapshotError
 from streamdqn.learning.model import PolicyHead, QNetwork
+from streamdqn.snapshots.layout import STABLE, Channel
 from streamdqn.snapshots.manifest import FeatureSpecInfo, Normalizer, OnnxInfo, PolicyInfo
 from streamdqn.snapshots.store import Signer, Snapshot, SnapshotStore
 from streamdqn.stream.features import FeatureSpec
@@ -134,14 +135,14 @@ def publish_snapshot(
     *,
     rewards: RewardTable | None = None,
     evaluation: dict[str, Any] | None = None,
-    make_latest: bool = True,
+    channel: Channel | None = STABLE,
     signer: Signer | None = None,
 ) -> Snapshot:
-    """Export, check and publish `q` with its manifest."""
+    """Export, check and publish `q` with its manifest, pointing `channel` at it (None: no channel)."""
     model = export_onnx(q)
     diff = check_onnx(model, q, probe)
     info = describe_policy(q, provenance or Provenance(), rewards or RewardTable(), evaluation)
     onnx_info = OnnxInfo(OPSET, {"features": ["N", q.obs_dim]},
                          {"q_values": ["N", q.n_actions], "action": ["N"]})
     return store.publish(model, info, onnx=onnx_info, parity=diff, packages=package_versions(),
-                         make_latest=make_latest, signer=signer)
+                         channel=channel, signer=signer)

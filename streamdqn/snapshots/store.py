@@ -1,7 +1,10 @@
-"""The snapshot store: atomic versioned directories with a `latest` pointer and retention.
+"""The snapshot store: atomic versioned directories, the `stable` and `canary` channels, per-sandbox
+pins, a channel history, and retention that keeps whatever a channel, pin or rollback needs.
 
 A version directory is assembled under a hidden temp name and renamed into place, so a reader
-never sees a half-written snapshot (the layout is in streamdqn.snapshots.layout). No torch here.
+never sees a half-written snapshot (the layout is in streamdqn.snapshots.layout). Every write (publish,
+promote, demote, rollback, pin, unpin, prune) holds an flock on the store's lock file, so the daemon
+and the `streamdqn snapshots` commands can change one store at the same time. No torch here.
 """
 
 from __future__ import annotations
@@ -19,12 +22,25 @@ from typing import Protocol
 import msgspec
 
 from streamdqn.atomic import atomic_write_bytes, fsync_dir
-from streamdqn.errors import SnapshotError
+from streamdqn.errors import SnapshotError, SnapshotNotFoundError, SnapshotVerifyError
+from streamdqn.snapshots.channels import (
+    POINTER_TEMP_PREFIX,
+    ChannelBook,
+    ChannelRecord,
+    read_channels,
+    store_lock,
+)
 from streamdqn.snapshots.layout import (
+    CHANNELS,
     LATEST,
     MANIFEST_FILE,
     MODEL_FILE,
+    STABLE,
+    Channel,
+    is_version_number,
     latest_version,
+    read_link_version,
+    sandbox_id_problem,
     version_dir,
     versions,
 )
@@ -51,8 +67,6 @@ class Signer(Protocol):
     def sign(self, data: bytes) -> str: ...
 
 
-
-
 @dataclass(frozen=True)
 class Snapshot:
     version: int
@@ -61,7 +75,7 @@ class Snapshot:
 
 
 class SnapshotStore:
-    """Versioned snapshot directories with an atomic `latest` pointer and retention."""
+    """Versioned snapshot directories, channels, pins and retention (keep the newest `keep`)."""
 
     def __init__(self, root: Path, keep: int = 20) -> None:
         if keep < 1:
@@ -69,24 +83,33 @@ class SnapshotStore:
         self.root = Path(root)
         self.keep = keep
         self.root.mkdir(parents=True, exist_ok=True)
-        # Leftovers of a writer killed mid-publish; never visible as versions, safe to remove.
-        for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".latest-*")]:
-            if stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
+        self._book = ChannelBook(self.root)
+        # Leftovers of a writer killed mid-publish; never visible as versions, safe to remove (under
+        # the lock: a live writer's temp directory is not a leftover).
+        with store_lock(self.root):
+            for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".latest-*"),
+                          *self.root.glob(f"{POINTER_TEMP_PREFIX}*")]:
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
 
     def versions(self) -> list[int]:
         return versions(self.root)
 
     def latest_version(self) -> int | None:
+        """The stable channel's version (what `latest` serves)."""
         return latest_version(self.root)
 
     def path_of(self, version: int) -> Path:
         return version_dir(self.root, version)
 
+    def channels(self) -> ChannelRecord:
+        """What each channel serves, the pins, and where a rollback would go."""
+        return read_channels(self.root)
+
     def read(self, version: int | None = None) -> Snapshot:
-        """A published snapshot (the latest by default), its manifest parsed."""
+        """A published snapshot (stable's by default), its manifest parsed."""
         v = self.latest_version() if version is None else version
         if v is None:
             raise SnapshotError(f"no snapshot published yet under {self.root}")
@@ -105,20 +128,33 @@ class SnapshotStore:
         onnx: OnnxInfo | None = None,
         parity: float = 0.0,
         packages: dict[str, str] | None = None,
-        make_latest: bool = True,
+        channel: Channel | None = STABLE,
         signer: Signer | None = None,
+        actor: str = "publisher",
+        reason: str = "",
     ) -> Snapshot:
-        """Write a new version (its manifest gets version, sha256, created_at) and point `latest` at it."""
-        existing = self.versions()
-        version = max([*existing, self.latest_version() or 0]) + 1
-        manifest = Manifest(
-            **msgspec.structs.asdict(info), schema_version=SCHEMA_VERSION, version=version,
-            created_at=time.time(), sha256=sha256_hex(model), model_file=MODEL_FILE, onnx=onnx,
-            parity_max_abs_diff=parity, packages=packages or {},
-        )
-        if signer is not None:
-            value = signer.sign(signed_payload(manifest.as_dict()))
-            manifest = msgspec.structs.replace(manifest, signature=Signature(signer.algorithm, value))
+        """Write a new version (its manifest gets version, sha256, created_at) and point `channel` at
+        it (None: publish without pointing any channel at it, e.g. a rejected candidate)."""
+        if channel is not None and channel not in CHANNELS:
+            raise ValueError(f"unknown channel {channel!r}; channels are {', '.join(CHANNELS)}")
+        with store_lock(self.root):
+            self._book.settle(actor)
+            version = max(self.versions(), default=0) + 1
+            manifest = Manifest(
+                **msgspec.structs.asdict(info), schema_version=SCHEMA_VERSION, version=version,
+                created_at=time.time(), sha256=sha256_hex(model), model_file=MODEL_FILE, onnx=onnx,
+                parity_max_abs_diff=parity, packages=packages or {},
+            )
+            if signer is not None:
+                value = signer.sign(signed_payload(manifest.as_dict()))
+                manifest = msgspec.structs.replace(manifest, signature=Signature(signer.algorithm, value))
+            self._write_version(version, model, manifest)
+            if channel is not None:
+                self._book.point(channel, version, "publish", actor, reason)
+            self._prune_locked()
+        return Snapshot(version, self.path_of(version), manifest)
+
+    def _write_version(self, version: int, model: bytes, manifest: Manifest) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=self.root))
         try:
             atomic_write_bytes(tmp / MODEL_FILE, model)
@@ -129,22 +165,76 @@ class SnapshotStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         fsync_dir(self.root)
-        if make_latest:
-            self.point_latest(version)
-        self.prune()
-        return Snapshot(version, self.path_of(version), manifest)
+
+    def promote(self, version: int | None = None, *, actor: str = "", reason: str = "") -> ChannelRecord:
+        """Point stable at the canary (clearing canary), or at `version` (clearing canary if it is)."""
+        with store_lock(self.root):
+            self._book.settle(actor)
+            self._book.promote(version, self.verify, actor, reason)
+            return self._book.record()
 
     def point_latest(self, version: int) -> None:
-        link = self.root / f".latest-{os.getpid()}-{time.monotonic_ns()}"
-        os.symlink(str(version), link)
-        os.replace(link, self.root / LATEST)
-        fsync_dir(self.root)
+        """Point stable (and `latest`) at `version`: promote(version), for callers from before channels."""
+        self.promote(version, actor="store", reason="point_latest")
+
+    def demote(self, *, actor: str = "", reason: str = "") -> ChannelRecord:
+        """Take the canary out: every sandbox is served stable (or its pin) again."""
+        with store_lock(self.root):
+            self._book.demote(actor, reason)
+            return self._book.record()
+
+    def rollback(self, to: int | None = None, *, actor: str = "", reason: str = "") -> ChannelRecord:
+        """Point stable at the previous stable of the history, or at `to`."""
+        with store_lock(self.root):
+            self._book.settle(actor)
+            self._book.rollback(to, self.verify, actor, reason)
+            return self._book.record()
+
+    def pin(self, sandbox_id: str, version: int, *, actor: str = "", reason: str = "") -> ChannelRecord:
+        """Serve `version` to `sandbox_id` whatever the channels say, until unpinned."""
+        problem = sandbox_id_problem(sandbox_id)
+        if problem is not None:
+            raise SnapshotError(f"cannot pin {sandbox_id!r}: {problem}")
+        with store_lock(self.root):
+            self.verify(version)
+            self._book.pin(sandbox_id, version, actor, reason)
+            return self._book.record()
+
+    def unpin(self, sandbox_id: str, *, actor: str = "", reason: str = "") -> ChannelRecord:
+        with store_lock(self.root):
+            self._book.unpin(sandbox_id, actor, reason)
+            return self._book.record()
+
+    def verify(self, version: int) -> None:
+        """Refuse a version that is not there or not intact: SnapshotNotFoundError, SnapshotError for an
+        unreadable manifest, SnapshotVerifyError for a model that does not match its manifest."""
+        if not is_version_number(version):
+            raise SnapshotNotFoundError(f"{version!r} is not a snapshot version (1 to 999999999999)")
+        if version not in self.versions():
+            known = self.versions()
+            listing = f"versions here: {known[0]}..{known[-1]}" if known else "no versions here"
+            raise SnapshotNotFoundError(f"snapshot {version} does not exist under {self.root} (never "
+                                        f"published, or pruned); {listing}")
+        snapshot = self.read(version)
+        try:
+            model = (snapshot.path / MODEL_FILE).read_bytes()
+        except OSError as exc:
+            raise SnapshotError(f"snapshot {version} under {self.root} has no readable model: "
+                                f"{exc}") from None
+        if sha256_hex(model) != snapshot.manifest.sha256:
+            raise SnapshotVerifyError(f"snapshot {version} under {self.root}: the model's sha256 does not "
+                                      "match its manifest; it is corrupt and will not be served")
 
     def prune(self) -> list[int]:
-        """Remove versions beyond the retention count (never the one `latest` points to), and stale temps."""
-        latest = self.latest_version()
-        versions = self.versions()
-        doomed = [v for v in versions[: max(0, len(versions) - self.keep)] if v != latest]
+        """Remove versions beyond the retention count, except any a channel, pin or rollback needs."""
+        with store_lock(self.root):
+            return self._prune_locked()
+
+    def _prune_locked(self) -> list[int]:
+        protected = self._book.record().protected()
+        protected.add(read_link_version(self.root / LATEST) or 0)
+        existing = self.versions()
+        doomed = [v for v in existing[: max(0, len(existing) - self.keep)] if v not in protected]
         for v in doomed:
             shutil.rmtree(self.path_of(v), ignore_errors=True)
         return doomed

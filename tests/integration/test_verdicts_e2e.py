@@ -67,7 +67,8 @@ def test_verdicts_before_after_never_revised_malformed_and_orphaned_count_exactl
     daemon.wait_for(lambda: daemon.metric("streamdqn_waiting_verdicts") == 2, 60, "two waiting verdicts")
     # 2. The telemetry, without labels.
     produce(topics.bootstrap, topics.telemetry, encode_events(unlabelled(events)))
-    daemon.wait_for(lambda: daemon.metric("streamdqn_events_consumed_total") == len(events), 60, "the telemetry")
+    daemon.wait_for(lambda: daemon.metric("streamdqn_events_consumed_total") == len(events), 60,
+                    "the telemetry")
     daemon.wait_for(lambda: labelled(daemon, "verdict") == 2, 30, "the two early joins")
     # 3. Six verdicts after their telemetry (ids[8], ids[9]: never), one malformed.
     malformed = {"sandbox_id": events[0]["sandbox_id"], "episode_id": ids[0], "is_malicious": "yes",
@@ -127,8 +128,8 @@ def test_sigkill_with_both_topics_in_flight_counts_every_event_and_verdict_once(
         produced_verdicts += len(verdicts)
         steps += len(events)
         if round_ < 3:
-            daemon.wait_for(lambda n=produced_events: daemon.metric("streamdqn_events_consumed_total") > n - 40,
-                            60, "ingest under way")
+            daemon.wait_for(lambda n=produced_events: daemon.metric("streamdqn_events_consumed_total")
+                            > n - 40, 60, "ingest under way")
             time.sleep(rng.uniform(0.0, 1.0))  # the kill lands at a random moment of the ingest
             daemon.signal(signal.SIGKILL)
             daemon.wait_exit(10)

@@ -120,7 +120,7 @@ def test_versions_are_monotonic_and_latest_follows(tmp_path: Path) -> None:
     assert snapshot.manifest.version == 3
     assert snapshot.manifest.created_at > 0
     # Not made latest: a new version number all the same, and latest stays.
-    quiet = store.publish(b"candidate", policy_info(), make_latest=False)
+    quiet = store.publish(b"candidate", policy_info(), channel=None)
     assert quiet.version == 4
     assert store.latest_version() == 3
     # A store opened later continues from the highest version.
@@ -134,12 +134,12 @@ def test_retention_prunes_old_versions_but_never_latest(tmp_path: Path) -> None:
     assert store.versions() == [3, 4]
     store.point_latest(3)
     for i in range(2):
-        store.publish(f"c{i}".encode(), policy_info(), make_latest=False)
+        store.publish(f"c{i}".encode(), policy_info(), channel=None)
     assert store.latest_version() == 3
     assert 3 in store.versions()
     assert store.versions()[-2:] == [5, 6]
     assert (tmp_path / LATEST / MODEL_FILE).read_bytes() == b"m2"
-    with pytest.raises(ValueError, match="keep"):
+    with pytest.raises(ValueError, match="at least 1"):
         SnapshotStore(tmp_path, keep=0)
 
 
