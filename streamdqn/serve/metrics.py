@@ -15,6 +15,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from streamdqn.stream.wire import REASON_DECODE, REASON_VALIDATION
+
+# Reported at 0 before the first bad verdict, so that dashboards and alerts have a series to read.
+VERDICT_REASONS = {REASON_DECODE: 0, REASON_VALIDATION: 0}
 
 @dataclass(frozen=True)
 class MetricsSnapshot:
@@ -87,7 +91,7 @@ class _SnapshotCollector(Collector):
         yield counter("verdicts_consumed", "Valid verdicts read from the verdicts topic.",
                       s.verdicts_consumed)
         yield labelled_counter("verdicts_rejected", "Bad verdicts and undecodable verdict messages.",
-                               "reason", s.verdicts_rejected)
+                               "reason", {**VERDICT_REASONS, **s.verdicts_rejected})
         yield labelled_counter("episodes_labelled", "Episodes finished with a label, by its source.",
                                "source", {"inline": 0, "verdict": 0, **s.labelled})
         yield counter("episodes_unlabelled_expired", "Episodes over that no verdict reached in time.",

@@ -108,6 +108,8 @@ class Episode:
     censored: bool = False  # a carried-out logged response ended what can be learned
     logged_return: float = 0.0
     rows: int = 0  # rows built so far
+    policy_version: str | None = None  # the version the sandbox last said it acted with
+    first_response: int = -1  # the first non-ignore action logged (shadow or not), -1 none
 
     @property
     def label(self) -> Label | None:
@@ -125,6 +127,13 @@ class Episode:
             previous = self.inline.severity if self.inline else 0.0
             severity = max(previous, float(events.severity[labelled].max()))
             self.inline = Label(bool(events.malicious[labelled[-1]]), severity, "inline")
+        version = events.policy_version[int(rows[-1])]
+        if version is not None:
+            self.policy_version = version
+        if self.first_response < 0:
+            responses = rows[events.action[rows] >= 1]
+            if len(responses):
+                self.first_response = int(events.action[responses[0]])
         if self.censored:
             return  # consumed, but nothing more to learn from it
         block = Steps(features, events.final[rows], events.action[rows],
@@ -146,6 +155,8 @@ class Finished(NamedTuple):
     label: Label
     logged_return: float  # what the sandbox's own actions earned (ignore where none was logged)
     holdout: bool
+    policy_version: str | None = None
+    first_response: int = -1
 
 
 @dataclass
@@ -346,7 +357,8 @@ class EpisodeTracker:
         return emitted
 
     def _finish(self, episode: Episode, label: Label, emitted: Emitted) -> None:
-        emitted.finished.append(Finished(episode.key, label, episode.logged_return, episode.holdout))
+        emitted.finished.append(Finished(episode.key, label, episode.logged_return, episode.holdout,
+                                         episode.policy_version, episode.first_response))
         if episode.holdout and episode.kept:
             steps = Steps.concat(episode.kept)
             self.holdout.append(HeldOutEpisode(steps.features, label.malicious, label.severity, steps.action,
@@ -525,6 +537,8 @@ class EpisodeState(msgspec.Struct):
     censored: bool
     logged_return: float
     rows: int
+    policy_version: str | None = None
+    first_response: int = -1
 
 
 class HeldOutState(msgspec.Struct, array_like=True):
@@ -556,7 +570,7 @@ def _episode_state(e: Episode) -> EpisodeState:
     return EpisodeState(
         e.key[0], e.key[1], e.episode_id, e.partition, _array(e.carry), e.last_step, e.last_event_time,
         [_array(c) for c in e.waiting], [[_array(c) for c in s] for s in e.kept], _label_state(e.inline),
-        _label_state(e.verdict), e.censored, e.logged_return, e.rows,
+        _label_state(e.verdict), e.censored, e.logged_return, e.rows, e.policy_version, e.first_response,
     )
 
 
@@ -567,7 +581,8 @@ def _episode_of(s: EpisodeState, now: float) -> Episode:
         last_step=s.last_step, last_seen=now, last_event_time=s.last_event_time,
         waiting=Steps(*(_numpy(c) for c in s.waiting)), kept=[Steps(*(_numpy(c) for c in k)) for k in s.kept],
         inline=_label_of(s.inline), verdict=_label_of(s.verdict), censored=s.censored,
-        logged_return=s.logged_return, rows=s.rows,
+        logged_return=s.logged_return, rows=s.rows, policy_version=s.policy_version,
+        first_response=s.first_response,
     )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from streamdqn.stream.episodes import Emitted, EpisodeTracker, Finished, TrackerState
 from streamdqn.stream.features import NormalizerState, RunningNormalizer
 from streamdqn.stream.join import JoinState, VerdictJoin, decode_verdicts
+from streamdqn.stream.outcomes import PolicyOutcomes
 from streamdqn.stream.rows import ReplayRows
 from streamdqn.stream.sources import DeadLetter, Partition, Record
 from streamdqn.stream.wire import EventColumns, Reject, decode_batch
@@ -88,6 +89,7 @@ class PipelineState(msgspec.Struct):
     normalizer: NormalizerState
     counters: Counters
     join: JoinState | None = None
+    outcomes: PolicyOutcomes | None = None
 
 
 @dataclass
@@ -102,6 +104,7 @@ class IngestPipeline:
     join: VerdictJoin | None = None
     verdicts_topic: str = ""
     on_finished: Callable[[Finished], None] | None = None  # each episode as it finishes (metrics)
+    outcomes: PolicyOutcomes = field(default_factory=PolicyOutcomes)  # per deployed policy_version
     # Finished episodes since the last take_finished() (the daemon's history and metrics read them).
     _finished: list[Finished] = field(default_factory=list)
 
@@ -223,6 +226,8 @@ class IngestPipeline:
         else:
             self.join.count_finished(emitted.finished)
         self._finished += emitted.finished
+        for f in emitted.finished:
+            self.outcomes.observe(f.policy_version, f.first_response, f.label.malicious, f.logged_return)
         if self.on_finished is not None:
             for finished in emitted.finished:
                 self.on_finished(finished)
@@ -271,7 +276,8 @@ class IngestPipeline:
         counters = msgspec.structs.replace(self.counters, rejected=dict(self.counters.rejected),
                                            verdicts_rejected=dict(self.counters.verdicts_rejected))
         join = self.join.state() if self.join is not None else None
-        return PipelineState(self.tracker.state(), self.normalizer.state(), counters, join)
+        outcomes = msgspec.convert(msgspec.to_builtins(self.outcomes), PolicyOutcomes)  # a copy
+        return PipelineState(self.tracker.state(), self.normalizer.state(), counters, join, outcomes)
 
     def load_state(self, state: PipelineState, now: float) -> None:
         self.tracker.load_state(state.tracker, now)
@@ -279,6 +285,7 @@ class IngestPipeline:
         self.counters = state.counters
         if self.join is not None and state.join is not None:
             self.join.load_state(state.join, now)
+        self.outcomes = state.outcomes if state.outcomes is not None else PolicyOutcomes()
 
 
 def encode_state(state: PipelineState) -> bytes:

@@ -28,6 +28,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from aiokafka import AIOKafkaConsumer
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -724,16 +725,20 @@ class SecondMember:
         self.error: BaseException | None = None
 
     async def _run(self) -> None:
-        consumer = AIOKafkaConsumer(self.topics.telemetry, bootstrap_servers=self.topics.bootstrap,
-                                    group_id=self.topics.group, enable_auto_commit=False,
-                                    auto_offset_reset="earliest")
+        # As another daemon would join: both topics, the same (range) assignor, which keeps a
+        # sandbox's telemetry and verdicts on one member.
+        consumer = AIOKafkaConsumer(self.topics.telemetry, self.topics.verdicts,
+                                    bootstrap_servers=self.topics.bootstrap, group_id=self.topics.group,
+                                    enable_auto_commit=False, auto_offset_reset="earliest",
+                                    partition_assignment_strategy=(RangePartitionAssignor,))
         try:
             await consumer.start()
             try:
                 while not self._stop.is_set():
                     batches = await consumer.getmany(timeout_ms=200)
                     self.read += sum(len(records) for records in batches.values())
-                    self.assignment = {tp.partition for tp in consumer.assignment()}
+                    self.assignment = {tp.partition for tp in consumer.assignment()
+                                       if tp.topic == self.topics.telemetry}
             finally:
                 await consumer.stop()  # leaves the group; auto-commit is off, so nothing is committed
         except BaseException as exc:  # noqa: BLE001 - reported to the test's thread, which fails on it

@@ -531,12 +531,17 @@ def test_poisoning_guards_rate_cap_clipping_and_publish_gate(kafka_bootstrap: st
         daemon.wait_for(lambda: daemon.metric("streamdqn_learner_updates_total")
                         >= 0.9 * 4.0 * daemon.metric("streamdqn_transitions_total"), 90, "learning the flood")
 
-        def decisions() -> float:
-            m = daemon.metrics()
-            return m["streamdqn_snapshot_version"] + m["streamdqn_snapshot_rejected_total"]
+        # The gate decides on a candidate that has learned all of it (an idle learner exports nothing new,
+        # so wait for the decision on the final weights).
+        daemon.wait_for(lambda: daemon.metric("streamdqn_learner_updates_total")
+                        >= 4.0 * daemon.metric("streamdqn_transitions_total") - 1, 90, "the learner's cap")
 
-        so_far = decisions()
-        daemon.wait_for(lambda: decisions() >= so_far + 2, 30, "two gate decisions")
+        def decided_on_final_weights() -> bool:
+            updates = daemon.metric("streamdqn_learner_updates_total")
+            return any(e["event"] in ("snapshot published", "snapshot rejected") and e["updates"] == updates
+                       for e in daemon.log_events())
+
+        daemon.wait_for(decided_on_final_weights, 30, "a gate decision on the final weights")
         after_version = int(os.readlink(snapshots / "latest"))
         detection_after, return_after, fp_after = _clean_metrics(
             snapshots / str(after_version) / "model.onnx", holdout)
