@@ -68,6 +68,9 @@ class HttpSettings(Section):
     token: SecretStr = SecretStr("")
     """Bearer token required for /snapshots (and /metrics when protect_metrics); empty: no auth."""
     protect_metrics: bool = False
+    admin_token: SecretStr = SecretStr("")
+    """Bearer token of POST /admin/snapshots/* (promote, demote, rollback, pin, unpin); empty: no admin
+    endpoints. Must differ from `token`."""
     public_url: str = ""
     """Base URL announced on the snapshot topic; default http://host:port."""
 
@@ -146,6 +149,17 @@ class VerdictSettings(Section):
     """At most this many of each wait; the oldest expire first (counted)."""
 
 
+class RolloutSettings(Section):
+    canary_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Share of sandboxes (by a stable hash of X-Sandbox-Id) served the canary. 0: no canary, a snapshot
+    that passes the gate goes straight to stable."""
+    promote_after_episodes: Annotated[int, Field(ge=1)] = 200
+    """Labelled canary episodes (by policy_version) needed before a promotion."""
+    confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
+    """Confidence of the bounds that promote or demote (one-sided)."""
+    check_interval_seconds: Positive = 5.0
+
+
 class IngestSettings(Section):
     max_message_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     max_events_per_message: Annotated[int, Field(ge=1)] = 10_000
@@ -178,6 +192,7 @@ class Settings(BaseSettings):
     replay: ReplaySettings = ReplaySettings()
     episodes: EpisodeSettings = EpisodeSettings()
     verdicts: VerdictSettings = VerdictSettings()
+    rollout: RolloutSettings = RolloutSettings()
     ingest: IngestSettings = IngestSettings()
     log: LogSettings = LogSettings()
 

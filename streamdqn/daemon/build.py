@@ -19,6 +19,7 @@ from streamdqn.daemon.checkpointer import Checkpointer
 from streamdqn.daemon.health import HealthView
 from streamdqn.daemon.ingestor import Backpressure, Ingestor
 from streamdqn.daemon.publisher import Publisher
+from streamdqn.daemon.rollout import RecentTraffic, Rollout, RolloutRules
 from streamdqn.daemon.sdnotify import SystemdNotifier
 from streamdqn.daemon.server import HttpBinding, Server
 from streamdqn.daemon.state import DaemonState, offsets_for_log
@@ -160,6 +161,7 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
         _gate(s), learning, rewards, interval_seconds=s.publish.interval_seconds,
         min_updates=s.publish.min_updates, device=str(device), signer=signer,
         snapshot_topic=bool(s.kafka.snapshot_topic), base_url=lambda: base_url(s, server.http_port),
+        canary=s.rollout.canary_fraction > 0,
         observe_seconds=lambda t: metrics.snapshot_export_seconds.observe(t),
     )
     checkpointer = Checkpointer(
@@ -168,10 +170,17 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
         snapshot_version=lambda: publisher.state.version,
         observe_seconds=lambda t: metrics.checkpoint_seconds.observe(t),
     )
+    rollout = Rollout(snapshots, lambda: pipeline.outcomes,
+                      RolloutRules(s.rollout.promote_after_episodes, s.publish.gate_max_false_positive_rate,
+                                   s.publish.gate_return_tolerance, s.rollout.confidence),
+                      publisher.announce,
+                      lambda: RecentTraffic(pipeline.recent.recent().copy(), pipeline.normalizer.mean,
+                                            pipeline.normalizer.std),
+                      interval_seconds=s.rollout.check_interval_seconds)
     notifier = SystemdNotifier()
     watchdog = Watchdog(runner, ingestor, notifier,
                         progress_timeout_seconds=s.lifecycle.progress_timeout_seconds)
-    health = HealthView(ingestor, runner, replay, publisher, checkpointer, watchdog,
+    health = HealthView(ingestor, runner, replay, publisher, checkpointer, watchdog, rollout,
                         batch_size=learning.batch_size,
                         updates_per_transition=s.learner.updates_per_transition, device=str(device),
                         publish_interval_seconds=s.publish.interval_seconds)
@@ -192,9 +201,10 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
         clients.on_revoked = on_revoked
     app = build_app(snapshots_dir=snapshots.root, render_metrics=metrics.render, health=health.health,
                     ready=health.ready, token=s.http.token.get_secret_value(),
-                    protect_metrics=s.http.protect_metrics)
+                    protect_metrics=s.http.protect_metrics, canary_fraction=s.rollout.canary_fraction,
+                    admin_token=s.http.admin_token.get_secret_value())
     # base_url (above) reads server.http_port once the server has bound its port.
-    server = Server(ingestor, checkpointer, publisher, watchdog, health, runner,
+    server = Server(ingestor, checkpointer, publisher, rollout, watchdog, health, runner,
                     HttpBinding(app, s.http.host, s.http.port), notifier,
                     stop_timeout_seconds=s.lifecycle.stop_timeout_seconds)
     return server

@@ -11,10 +11,12 @@ from streamdqn import __version__
 from streamdqn.daemon.checkpointer import Checkpointer
 from streamdqn.daemon.ingestor import Ingestor
 from streamdqn.daemon.publisher import Publisher
+from streamdqn.daemon.rollout import Rollout
 from streamdqn.daemon.watchdog import Watchdog
 from streamdqn.learning.replay.buffer import ReplayBuffer
 from streamdqn.learning.runners import LearnerRunner
 from streamdqn.serve.metrics import MetricsSnapshot
+from streamdqn.stream.features import FEATURE_NAMES
 
 
 class HealthView:
@@ -26,6 +28,7 @@ class HealthView:
         publisher: Publisher,
         checkpointer: Checkpointer,
         watchdog: Watchdog,
+        rollout: Rollout,
         *,
         batch_size: int,
         updates_per_transition: float,
@@ -38,6 +41,7 @@ class HealthView:
         self.publisher = publisher
         self.checkpointer = checkpointer
         self.watchdog = watchdog
+        self.rollout = rollout
         self.batch_size = batch_size
         self.updates_per_transition = updates_per_transition
         self.build = {"version": __version__, "torch": torch.__version__, "device": device}
@@ -50,6 +54,7 @@ class HealthView:
         c = pipeline.counters
         join = pipeline.join.counters if pipeline.join is not None else None
         published = self.publisher.state
+        channels = self.publisher.store.channels()
         return MetricsSnapshot(
             events_consumed=c.events_consumed, rejected=dict(c.rejected), dead_lettered=c.dead_lettered,
             transitions=c.transitions, episodes=c.episodes, replay_size=len(self.replay),
@@ -76,6 +81,13 @@ class HealthView:
             checkpoint_failures=self.checkpointer.failures, event_loop_lag=self.watchdog.loop_lag,
             broker_connected=self.watchdog.broker_connected,
             partitions_assigned=self.ingestor.partitions_assigned(), build=self.build,
+            policy_episodes={(version, outcome): n for version, stats in pipeline.outcomes.versions.items()
+                             for outcome, n in stats.counts.items()},
+            channels={"stable": channels.stable or 0, "canary": channels.canary or 0},
+            channel_changes={"promoted": self.rollout.promoted, "demoted": self.rollout.demoted},
+            feature_drift={name: float(v) for name, v in zip(FEATURE_NAMES, self.rollout.drift.psi,
+                                                             strict=True)},
+            action_share=dict(self.rollout.drift.action_share),
         )
 
     def health(self) -> dict[str, Any]:

@@ -23,13 +23,14 @@ from streamdqn.learning.runners import LearnerRunner
 from streamdqn.learning.settings import LearnerSettings
 from streamdqn.logs import log_event
 from streamdqn.snapshots.export import Provenance, publish_snapshot
-from streamdqn.snapshots.gate import PublishGate
+from streamdqn.snapshots.gate import LoggedDecisions, PublishGate
+from streamdqn.snapshots.layout import CANARY, STABLE, Channel
 from streamdqn.snapshots.policy import OnnxPolicy
 from streamdqn.snapshots.store import Signer, Snapshot, SnapshotStore
 from streamdqn.stream.episodes import HeldOutEpisode
 from streamdqn.stream.features import FEATURE_DIM
 from streamdqn.stream.rewards import RewardTable
-from streamdqn.stream.scoring import evaluate_rows
+from streamdqn.stream.scoring import RESPONSES, EpisodeBatch, metrics_of, replay
 from streamdqn.stream.wire import Action
 
 
@@ -60,6 +61,7 @@ class Publisher:
         signer: Signer | None,
         snapshot_topic: bool,
         base_url: Callable[[], str],
+        canary: bool = False,
         observe_seconds: Callable[[float], None] = lambda s: None,
     ) -> None:
         self.store = store
@@ -75,6 +77,7 @@ class Publisher:
         self.signer = signer
         self.snapshot_topic = snapshot_topic
         self.base_url = base_url
+        self.canary = canary  # passing candidates go to the canary channel once a stable exists
         self.observe_seconds = observe_seconds
         self.state = PublishedState()
         latest = store.latest_version()
@@ -134,10 +137,14 @@ class Publisher:
         q.eval()
         passed, evaluation = self._gate_candidate(q, held_out)
         probe = np.random.default_rng(0).normal(size=(64, FEATURE_DIM)).astype(np.float32) * 3
-        store = self.store if passed else self.rejected_store
-        snapshot = publish_snapshot(store, q, probe, provenance, rewards=self.rewards, evaluation=evaluation,
-                                    signer=self.signer)
-        return snapshot, passed
+        if not passed:
+            snapshot = publish_snapshot(self.rejected_store, q, probe, provenance, rewards=self.rewards,
+                                        evaluation=evaluation, signer=self.signer, channel=None)
+            return snapshot, False
+        channel: Channel = CANARY if self.canary and self.store.latest_version() is not None else STABLE
+        snapshot = publish_snapshot(self.store, q, probe, provenance, rewards=self.rewards,
+                                    evaluation=evaluation, signer=self.signer, channel=channel)
+        return snapshot, True
 
     def _gate_candidate(self, q: QNetwork, held_out: Sequence[HeldOutEpisode]) -> tuple[bool, dict[str, Any]]:
         gate = self.gate
@@ -152,25 +159,73 @@ class Publisher:
                 actions: np.ndarray = q_values.argmax(1).numpy()
             return actions
 
-        metrics = evaluate_rows(candidate, held_out, self.rewards)
-        current = None
-        latest = self.store.latest_version()
-        if latest is not None:
-            current = evaluate_rows(OnnxPolicy(self.store.path_of(latest) / "model.onnx"), held_out,
-                                    self.rewards)
-        passed, why = gate.check(metrics, current)
-        return passed, {"gate": why, "held_out_episodes": len(held_out), "candidate": metrics.as_dict(),
-                        "latest": current.as_dict() if current else None}
+        batch = EpisodeBatch.of(held_out)
+        ours = replay(candidate(batch.features), batch, self.rewards)
+        theirs = None
+        stable = self.store.latest_version()
+        if stable is not None:
+            policy = OnnxPolicy(self.store.path_of(stable) / "model.onnx")
+            theirs = replay(policy(batch.features), batch, self.rewards)
+        responded = np.isin(ours.action, RESPONSES)
+        verdict = gate.judge_policies(
+            ours.returns, None if theirs is None else theirs.returns,
+            candidate_false_positives=int((responded & ~batch.malicious).sum()),
+            benign_episodes=int((~batch.malicious).sum()),
+            candidate_missed=int(((ours.first_response < 0) & batch.malicious).sum()),
+            malicious_episodes=int(batch.malicious.sum()),
+            logged=logged_decisions(held_out, candidate, self.rewards),
+        )
+        return verdict.passed, {"gate": verdict.reason, "held_out_episodes": len(held_out),
+                                "candidate": metrics_of(ours, batch).as_dict(),
+                                "stable": metrics_of(theirs, batch).as_dict() if theirs is not None else None,
+                                "bounds": verdict.as_dict()}
 
     async def _announce(self, snapshot: Snapshot) -> None:
+        base = self.base_url()
+        await self.announce(json.dumps({
+            "version": snapshot.version, "sha256": snapshot.manifest.sha256,
+            "url": f"{base}/snapshots/{snapshot.version}/model.onnx",
+            "manifest_url": f"{base}/snapshots/{snapshot.version}/manifest.json",
+            "channel": CANARY if snapshot.version != self.store.latest_version() else STABLE,
+        }).encode())
+
+    async def announce(self, payload: bytes) -> None:
+        """A message on the snapshot topic (when there is one); a failure is logged, never raised."""
         sink = self.ingestor.sink
         if sink is None or not self.snapshot_topic:
             return
-        base = self.base_url()
-        payload = json.dumps({"version": snapshot.version, "sha256": snapshot.manifest.sha256,
-                              "url": f"{base}/snapshots/{snapshot.version}/model.onnx",
-                              "manifest_url": f"{base}/snapshots/{snapshot.version}/manifest.json"}).encode()
         try:
             await asyncio.wait_for(sink.announce(payload), timeout=BROKER_CALL_TIMEOUT_SECONDS)
         except Exception as exc:  # noqa: BLE001 - an announcement is informational: log and go on
             log_event("snapshot announcement failed", error=describe_broker_error(exc))
+
+
+def logged_decisions(
+    held_out: Sequence[HeldOutEpisode], candidate: Callable[[np.ndarray], np.ndarray], rewards: RewardTable
+) -> LoggedDecisions | None:
+    """The held-out steps where a deployed policy logged its action with a probability, with each
+    action's one-step reward and what the candidate would have done there (None when there are none).
+
+    Censored episodes (the deployed policy responded, so the detonation stopped) contribute the steps
+    up to and including that response: what a later decision would have earned is unknown, and the
+    estimate is per decision, not per episode, so nothing is imputed for the steps never seen.
+    """
+    parts = []
+    for e in held_out:
+        if e.action is None or e.action_prob is None:
+            continue
+        logged = (e.action >= 0) & np.isfinite(e.action_prob)
+        if not logged.any():
+            continue
+        index = np.flatnonzero(logged)
+        final = index == len(e.action) - 1
+        n = len(index)
+        reward = rewards.rewards(e.action[index].astype(np.int64), np.full(n, e.malicious),
+                                 np.full(n, e.severity), final)
+        parts.append((e.action[index].astype(np.int64), e.action_prob[index].astype(np.float64), reward,
+                      candidate(e.features[index])))
+    if not parts:
+        return None
+    actions, probabilities, reward_values, chosen = (np.concatenate(c) for c in zip(*parts, strict=True))
+    return LoggedDecisions(actions, probabilities, reward_values, chosen)
+

@@ -25,6 +25,7 @@ from streamdqn.daemon.exits import EXIT_FAILURE, EXIT_OK, FatalExit
 from streamdqn.daemon.health import HealthView
 from streamdqn.daemon.ingestor import Ingestor
 from streamdqn.daemon.publisher import Publisher
+from streamdqn.daemon.rollout import Rollout
 from streamdqn.daemon.sdnotify import SystemdNotifier
 from streamdqn.daemon.watchdog import Watchdog
 from streamdqn.learning.runners import LearnerRunner
@@ -60,6 +61,7 @@ class Server:
         ingestor: Ingestor,
         checkpointer: Checkpointer,
         publisher: Publisher,
+        rollout: Rollout,
         watchdog: Watchdog,
         health: HealthView,
         runner: LearnerRunner,
@@ -71,6 +73,7 @@ class Server:
         self.ingestor = ingestor
         self.checkpointer = checkpointer
         self.publisher = publisher
+        self.rollout = rollout
         self.watchdog = watchdog
         self.health = health
         self.runner = runner
@@ -138,9 +141,9 @@ class Server:
             await stop_http(http_runner)
             log_event("stopped")
 
-    def _components(self) -> list[tuple[str, Ingestor | Checkpointer | Publisher | Watchdog]]:
+    def _components(self) -> list[tuple[str, Ingestor | Checkpointer | Publisher | Rollout | Watchdog]]:
         return [("ingest", self.ingestor), ("checkpoint", self.checkpointer), ("publish", self.publisher),
-                ("watchdog", self.watchdog)]
+                ("rollout", self.rollout), ("watchdog", self.watchdog)]
 
     @staticmethod
     def _task(coroutine: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:

@@ -7,7 +7,7 @@ values as they happen.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -56,6 +56,11 @@ class MetricsSnapshot:
     broker_connected: bool = False
     partitions_assigned: int = 0
     build: dict[str, str] = field(default_factory=dict)
+    policy_episodes: dict[tuple[str, str], int] = field(default_factory=dict)  # (version, outcome)
+    channels: dict[str, int] = field(default_factory=dict)  # channel -> version (0: none)
+    channel_changes: dict[str, int] = field(default_factory=dict)  # promoted / demoted
+    feature_drift: dict[str, float] = field(default_factory=dict)  # feature -> PSI
+    action_share: dict[str, float] = field(default_factory=dict)  # the stable policy's, on recent traffic
 
 
 class _SnapshotCollector(Collector):
@@ -75,6 +80,12 @@ class _SnapshotCollector(Collector):
             family = CounterMetricFamily(f"streamdqn_{name}", doc, labels=[label])
             for key, n in sorted(values.items()):
                 family.add_metric([key], n)
+            return family
+
+        def labelled_gauge(name: str, doc: str, label: str, values: Mapping[str, float]) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(f"streamdqn_{name}", doc, labels=[label])
+            for key, value in sorted(values.items()):
+                family.add_metric([key], value)
             return family
 
         yield counter("events_consumed", "Valid telemetry events ingested (events, not messages).",
@@ -137,6 +148,24 @@ class _SnapshotCollector(Collector):
                     1.0 if s.broker_connected else 0.0)
         yield gauge("partitions_assigned", "Partitions of the telemetry topic assigned to this member.",
                     s.partitions_assigned)
+        outcomes = CounterMetricFamily("streamdqn_policy_episodes",
+                                       "Labelled episodes by the policy_version that acted and the outcome.",
+                                       labels=["version", "outcome"])
+        for (version, outcome), n in sorted(s.policy_episodes.items()):
+            outcomes.add_metric([version, outcome], n)
+        yield outcomes
+        yield labelled_gauge("channel_version", "Snapshot version each channel serves (0: none).", "channel",
+                             s.channels)
+        yield labelled_counter("channel_changes", "Canary promotions and demotions by the rollout.",
+                               "action", {"promoted": 0, "demoted": 0, **s.channel_changes})
+        yield labelled_gauge("feature_drift_psi",
+                             "Population stability index of recent traffic against the normalizer.",
+                             "feature", s.feature_drift)
+        yield gauge("feature_drift_psi_max", "The largest per-feature PSI.",
+                    max(s.feature_drift.values(), default=0.0))
+        yield labelled_gauge("policy_action_share",
+                             "Share of each action the stable snapshot takes on recent traffic.", "action",
+                             s.action_share)
         info = GaugeMetricFamily("streamdqn_build_info", "Build information.", labels=sorted(s.build))
         info.add_metric([s.build[k] for k in sorted(s.build)], 1.0)
         yield info

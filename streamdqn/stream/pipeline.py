@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import msgspec
 import numpy as np
 
+from streamdqn.stream.drift import RecentWindow
 from streamdqn.stream.episodes import Emitted, EpisodeTracker, Finished, TrackerState
-from streamdqn.stream.features import NormalizerState, RunningNormalizer
+from streamdqn.stream.features import FEATURE_DIM, NormalizerState, RunningNormalizer
 from streamdqn.stream.join import JoinState, VerdictJoin, decode_verdicts
 from streamdqn.stream.outcomes import PolicyOutcomes
 from streamdqn.stream.rows import ReplayRows
@@ -105,6 +106,7 @@ class IngestPipeline:
     verdicts_topic: str = ""
     on_finished: Callable[[Finished], None] | None = None  # each episode as it finishes (metrics)
     outcomes: PolicyOutcomes = field(default_factory=PolicyOutcomes)  # per deployed policy_version
+    recent: RecentWindow = field(default_factory=lambda: RecentWindow(FEATURE_DIM))  # for drift metrics
     # Finished episodes since the last take_finished() (the daemon's history and metrics read them).
     _finished: list[Finished] = field(default_factory=list)
 
@@ -158,6 +160,7 @@ class IngestPipeline:
         for i, reject in observed.rejects:
             problems.setdefault(int(origin[i]), []).append(reject._replace(position=int(position[i])))
         self.normalizer.update(observed.features)
+        self.recent.add(observed.features)
         emitted = observed.emitted
         transitions = self._account(emitted)  # pushed before the join may relabel them
         finished = list(emitted.finished)

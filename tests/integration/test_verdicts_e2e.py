@@ -36,12 +36,14 @@ def unlabelled(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in e.items() if k not in LABELS} for e in events]
 
 
-def verdicts_for(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Each episode's verdict, from the simulator's own labels."""
+def verdicts_for(events: list[dict[str, Any]], timestamp: float | None = None) -> dict[int, dict[str, Any]]:
+    """Each episode's verdict, from the simulator's own labels (stamped `timestamp` when given)."""
     out: dict[int, dict[str, Any]] = {}
     for e in events:
         out[int(e["episode_id"])] = {"sandbox_id": e["sandbox_id"], "episode_id": e["episode_id"],
                                      "is_malicious": e["is_malicious"], "severity": e["severity"]}
+        if timestamp is not None:
+            out[int(e["episode_id"])]["timestamp"] = timestamp
     return out
 
 
@@ -57,10 +59,12 @@ def test_verdicts_before_after_never_revised_malformed_and_orphaned_count_exactl
     topics: Topics, make_daemon: Any
 ) -> None:
     events = sim_events(10, seed=31)
-    verdicts = verdicts_for(events)
-    ids = sorted(verdicts)
     last_time = max(float(e["timestamp"]) for e in events)
-    daemon = make_daemon(topics, verdicts={"wait_seconds": 60.0}, **FAST).start()
+    # Stamped just after the last event: each join observes its delay, and the records' clock moves on
+    # only as far as the last event (nothing expires before step 5).
+    verdicts = verdicts_for(events, timestamp=last_time + 1)
+    ids = sorted(verdicts)
+    daemon = make_daemon(topics, verdicts={"wait_seconds": 1000.0}, **FAST).start()
 
     # 1. Two verdicts before any telemetry: they wait for their episodes.
     produce(topics.bootstrap, topics.verdicts, keyed([verdicts[ids[0]], verdicts[ids[1]]]))
@@ -102,7 +106,7 @@ def test_verdicts_before_after_never_revised_malformed_and_orphaned_count_exactl
     assert m["streamdqn_waiting_verdicts"] == 0
     joined_steps = sum(1 for e in events if int(e["episode_id"]) in ids[:8])
     assert m["streamdqn_transitions_total"] == joined_steps  # never-labelled episodes are not learned
-    assert m["streamdqn_verdict_delay_seconds_count"] >= 8  # every join observed its delay
+    assert m["streamdqn_verdict_delay_seconds_count"] == 8  # every join observed its delay
     # The malformed verdict went to the dead-letter topic with its reason.
     letters = consume_all(topics.bootstrap, topics.dlq, 1)
     assert len(letters) == 1
