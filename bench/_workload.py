@@ -99,7 +99,8 @@ class Ingest:
 def simulated_rows(n: int, seed: int = 11) -> ReplayRows:
     """About n replay rows as the ingest stage builds them from simulated events (inline labels)."""
     parts: list[ReplayRows] = []
-    pipeline = IngestPipeline(EpisodeTracker(), RunningNormalizer(FEATURE_DIM), parts.append, PipelineOptions())
+    pipeline = IngestPipeline(EpisodeTracker(), RunningNormalizer(FEATURE_DIM), parts.append,
+                              PipelineOptions())
     records = build_records(n + n // 4, seed)
     for start in range(0, len(records), BATCH_RECORDS):
         pipeline.process(records[start : start + BATCH_RECORDS])

@@ -38,6 +38,7 @@ from streamdqn.learning.replay.buffer import ReplayBuffer, RowBatch
 from streamdqn.learning.settings import LearnerSettings
 from streamdqn.stream.features import FEATURE_DIM
 from streamdqn.stream.rows import N_ACTIONS, ROW_FIELDS, ROW_LAYOUT
+
 BATCHES = (64, 256)
 PUSH = 512
 

@@ -56,8 +56,7 @@ from streamdqn.stream.episodes import EpisodeTracker
 from streamdqn.stream.features import FEATURE_DIM, RunningNormalizer
 from streamdqn.stream.join import VerdictJoin
 from streamdqn.stream.pipeline import IngestPipeline, PipelineOptions
-from streamdqn.stream.rewards import RewardTable
-from streamdqn.stream.rows import ReplayRows, relabel_rewards
+from streamdqn.stream.rows import relabel_rewards
 from streamdqn.stream.sources import Record
 from streamdqn.stream.wire import decode, decode_batch, parse_payload
 
@@ -179,7 +178,7 @@ def make_pipeline(capacity: int, *, join: bool = False) -> tuple[IngestPipeline,
 
 async def streamdqn_pass(source: KafkaSource, n: int, capacity: int) -> PassResult:
     """KafkaSource.fetch -> IngestPipeline.process until n records were seen."""
-    pipeline, buffer = make_pipeline(capacity)
+    pipeline, _ = make_pipeline(capacity)
     try:
         seen = counted = nbytes = 0
         started = 0.0
@@ -236,8 +235,12 @@ def breakdown(
 
     return side_by_side(
         {
-            "parse only (msgpack / json module, per record)": lambda: [parse_payload(p, ct_text) for p in chunk],
-            "careful path per record (wire.decode: parse + pydantic)": lambda: [decode(p, ct_text) for p in chunk],
+            "parse only (msgpack / json module, per record)": lambda: [
+                parse_payload(p, ct_text) for p in chunk
+            ],
+            "careful path per record (wire.decode: parse + pydantic)": lambda: [
+                decode(p, ct_text) for p in chunk
+            ],
             "decode_batch (msgspec -> columns + vectorized checks)": lambda: decode_batch(chunk, cts),
             "IngestPipeline.process, rows discarded (no replay)": pipeline_without_replay,
             "IngestPipeline.process (all stages, into ReplayBuffer)": whole_pipeline,
@@ -397,7 +400,8 @@ async def run(n: int, rounds: int, smoke: bool, default_gc: bool) -> dict[str, o
     table(
         ["stage (cumulative, no broker)", *FORMATS],
         [[name, *(stages[f][name] for f in FORMATS)] for name in names],
-        title=f"where the time goes (events/s, in-memory records, batches of {BATCH}, median of {stage_rounds})",
+        title=f"where the time goes (events/s, in-memory records, batches of {BATCH}, "
+        f"median of {stage_rounds})",
     )
     join_events = events[: min(n, 5_000 if smoke else 40_000)]
     join = verdict_join_cost(join_events, stage_rounds, stage_seconds)

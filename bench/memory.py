@@ -162,7 +162,8 @@ def run(smoke: bool) -> dict[str, Any]:
         ["layout", "bytes per step", "steps in 1 GiB"],
         [
             ["one row per step (now)", float(row), float(2**30 // row)],
-            [f"{TRANSITIONS_PER_STEP} transitions per step (before)", float(old_step), float(2**30 // old_step)],
+            [f"{TRANSITIONS_PER_STEP} transitions per step (before)", float(old_step),
+             float(2**30 // old_step)],
         ],
         title=f"per visited step: the row layout holds {old_step / row:.2f}x the steps in the same memory",
     )

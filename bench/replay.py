@@ -47,7 +47,8 @@ class PlainRing:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.tensors = {
-            name: torch.from_numpy(np.zeros((capacity, *shape), dtype)) for name, (dtype, shape) in ROW_LAYOUT.items()
+            name: torch.from_numpy(np.zeros((capacity, *shape), dtype))
+            for name, (dtype, shape) in ROW_LAYOUT.items()
         }
         self.learned = tuple(self.tensors[name] for name in LEARNED)
         self.cursor = self.size = 0
