@@ -273,10 +273,10 @@ def unlabelled_with_verdicts(events: Sequence[dict[str, object]]) -> list[Record
         append("telemetry", key, msgpack.packb({k: v for k, v in event.items()
                                                 if k not in ("is_malicious", "severity")}))
         if event["final"]:
-            verdict = {"sandbox_id": event["sandbox_id"], "episode_id": event["episode_id"],
+            payload = {"sandbox_id": event["sandbox_id"], "episode_id": event["episode_id"],
                        "is_malicious": event["is_malicious"], "severity": event["severity"],
                        "timestamp": event["timestamp"]}
-            due.append((i + VERDICT_LAG, Record(VERDICTS_TOPIC, 0, 0, msgpack.packb(verdict), key)))
+            due.append((i + VERDICT_LAG, Record(VERDICTS_TOPIC, 0, 0, msgpack.packb(payload), key)))
     for _, verdict in due:
         append(VERDICTS_TOPIC, verdict.key or b"", verdict.value)
     return out

@@ -344,12 +344,12 @@ def update_breakdown(buffer: ReplayBuffer, batch: int, steps: int) -> dict[str, 
 def run(smoke: bool) -> dict[str, Any]:
     rounds, seconds = (1, 0.1) if smoke else (5, 0.8)
     fill = 5_000 if smoke else FILL
-    rows = simulated_rows(fill)
+    replay_rows = simulated_rows(fill)
     data = random_transitions(5 * fill)  # the peers' replay: five transitions per row's step
     buffer = ReplayBuffer(fill, "cpu", seed=0)
-    buffer.push(rows)
-    mean_known = float(rows.known.sum(axis=1).mean())
-    print(f"replay: {rows.size:,} rows from simulated events, {mean_known:.2f} known targets per row; "
+    buffer.push(replay_rows)
+    mean_known = float(replay_rows.known.sum(axis=1).mean())
+    print(f"replay: {replay_rows.size:,} rows from simulated events, {mean_known:.2f} known targets per row; "
           f"peers: {5 * fill:,} single-action transitions")
 
     torch.set_num_threads(1)
@@ -357,8 +357,8 @@ def run(smoke: bool) -> dict[str, Any]:
     sb3_reason = ""
     for batch in BATCHES:
         candidates: dict[str, Callable[[], object]] = {
-            "bare": bare_step(rows, batch),
-            "bare_ddqn": bare_double_dqn_step(rows, batch),
+            "bare": bare_step(replay_rows, batch),
+            "bare_ddqn": bare_double_dqn_step(replay_rows, batch),
             "streamdqn": streamdqn_update(buffer, batch),
             "cleanrl": CleanRLStyle(data, batch).update,
         }
