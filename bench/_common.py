@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from streamdqn.stream.features import FEATURE_DIM
-from streamdqn.stream.wire import Action
+from streamdqn.stream.rows import IGNORE, N_ACTIONS, ReplayRows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -263,12 +263,34 @@ def rss_bytes() -> int:
     raise RuntimeError("VmRSS not found in /proc/self/status")
 
 
+def random_rows(n: int, seed: int = 0) -> ReplayRows:
+    """n random replay rows, shaped as the ingest stage pushes them: the four responses always known,
+    ignore known on 95 % of rows, bootstrapping one step on 90 % of those (the rest terminal)."""
+    rng = np.random.default_rng(seed)
+    rows = ReplayRows.empty(n)
+    known = np.ones((n, N_ACTIONS), bool)
+    known[:, IGNORE] = rng.random(n) < 0.95
+    return rows._replace(
+        states=rng.normal(size=(n, FEATURE_DIM)).astype(np.float32),
+        rewards=rng.normal(size=(n, N_ACTIONS)).astype(np.float32),
+        known=known,
+        next_states=rng.normal(size=(n, FEATURE_DIM)).astype(np.float32),
+        horizon=np.where(known[:, IGNORE] & (rng.random(n) < 0.9), 1, 0).astype(np.int8),
+        episode=rng.integers(0, 2**62, size=n),
+        malicious=rng.random(n) < 0.5,
+        severity=rng.random(n).astype(np.float32),
+        ignore_steps=known[:, IGNORE].astype(np.int8),
+        table_mask=np.full(n, (1 << N_ACTIONS) - 1, np.uint8),
+    )
+
+
 def random_transitions(n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """n random transitions, keyed and ordered as `ReplayBuffer.push` takes them."""
+    """n random single-action transitions (state, action, reward, next state, done): the format replay
+    held before rows, kept for the peers that learn from transitions (CleanRL-style loop, SB3)."""
     rng = np.random.default_rng(seed)
     return {
         "states": rng.normal(size=(n, FEATURE_DIM)).astype(np.float32),
-        "actions": rng.integers(0, len(Action), size=n),
+        "actions": rng.integers(0, N_ACTIONS, size=n),
         "rewards": rng.normal(size=n).astype(np.float32),
         "next_states": rng.normal(size=(n, FEATURE_DIM)).astype(np.float32),
         "dones": rng.random(n) < 0.05,

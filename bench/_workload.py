@@ -1,5 +1,5 @@
-"""The ingest workload that bench/concurrency.py and bench/gpu.py share: pre-built records and the
-daemon's ingest stage over them (no broker)."""
+"""The ingest workload that bench/concurrency.py, bench/gpu.py and bench/learner.py share: pre-built
+records, the daemon's ingest stage over them (no broker), and the replay rows it makes of them."""
 
 from __future__ import annotations
 
@@ -8,18 +8,16 @@ import zlib
 
 import msgpack
 
-from streamdqn.learning.learner import ActingPolicy
 from streamdqn.learning.replay.buffer import ReplayBuffer
 from streamdqn.learning.runners import LearnerRunner
-from streamdqn.learning.settings import LearnerSettings
 from streamdqn.offline.simulator import simulate
-from streamdqn.stream.episodes import EpisodeTracker, TransitionBatch
+from streamdqn.stream.episodes import EpisodeTracker
 from streamdqn.stream.features import FEATURE_DIM, RunningNormalizer
 from streamdqn.stream.pipeline import IngestPipeline, PipelineOptions
+from streamdqn.stream.rows import N_ACTIONS, ReplayRows
 from streamdqn.stream.sources import Record
-from streamdqn.stream.wire import Action
 
-N_ACTIONS = len(Action)
+__all__ = ["BATCH_RECORDS", "N_ACTIONS", "PARTITIONS", "Ingest", "build_records", "simulated_rows"]
 PARTITIONS = 4
 BATCH_RECORDS = 2000  # the daemon's kafka.max_poll_records
 
@@ -54,18 +52,13 @@ class Ingest:
         self.records = records
         self.buffer = buffer
         self.runner = runner
-        settings = LearnerSettings(device="cpu", seed=0)
-        self.policy = ActingPolicy(settings, FEATURE_DIM, N_ACTIONS)
         self.normalizer = RunningNormalizer(FEATURE_DIM)
         self.pipeline = self._pipeline()
         self.position = 0
         self.last_housekeeping = 0.0
 
     def _pipeline(self) -> IngestPipeline:
-        def push(batch: TransitionBatch) -> None:
-            self.buffer.push(batch.states, batch.actions, batch.rewards, batch.next_states, batch.dones)
-
-        return IngestPipeline(EpisodeTracker(), self.normalizer, self.policy, push, PipelineOptions())
+        return IngestPipeline(EpisodeTracker(), self.normalizer, self.buffer.push, PipelineOptions())
 
     def step(self, n: int) -> int:
         """Process the next n records; returns the events consumed."""
@@ -78,9 +71,6 @@ class Ingest:
         now = time.monotonic()
         if now - self.last_housekeeping > 0.5:  # as the daemon's Ingestor does
             self.last_housekeeping = now
-            weights, version = self.runner.weights()
-            if version != self.policy.weights_version:
-                self.policy.load_weights(weights, version)
             self.runner.set_normalization(self.normalizer.mean, self.normalizer.std)
         return events
 
@@ -104,3 +94,19 @@ class Ingest:
             events += self.step(n)
             sent += n
         return events / (time.perf_counter() - started)
+
+
+def simulated_rows(n: int, seed: int = 11) -> ReplayRows:
+    """About n replay rows as the ingest stage builds them from simulated events (inline labels)."""
+    parts: list[ReplayRows] = []
+    pipeline = IngestPipeline(EpisodeTracker(), RunningNormalizer(FEATURE_DIM), parts.append,
+                              PipelineOptions())
+    records = build_records(n + n // 4, seed)
+    for start in range(0, len(records), BATCH_RECORDS):
+        pipeline.process(records[start : start + BATCH_RECORDS])
+        if sum(p.size for p in parts) >= n:
+            break
+    else:
+        pipeline.close_all()
+    rows = ReplayRows.concat(parts)
+    return ReplayRows(*(column[:n] for column in rows))

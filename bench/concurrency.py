@@ -2,7 +2,7 @@
 
 Ingest here is IngestPipeline.process on pre-built msgpack Records (one simulated event each, 4
 partitions, batches of 2000 as the daemon's max_poll_records) in the main thread, with the
-daemon's housekeeping (acting weights and normalization refreshed every 0.5 s). No broker: that
+daemon's housekeeping (the normalization handed to the learner every 0.5 s). No broker: that
 is bench/ingest.py's subject, and here it would only add noise. The learner is streamdqn's own
 runner (ThreadRunner, or ProcessRunner over a shared-memory ReplayBuffer), batch 64, one torch
 thread, replay pre-filled.
@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 import torch
-from _common import Target, emit, header, random_transitions, ratio, report_targets, table
+from _common import Target, emit, header, random_rows, ratio, report_targets, table
 from _workload import BATCH_RECORDS, N_ACTIONS, Ingest, build_records
 
 from streamdqn.learning.learner import DQNLearner
@@ -41,7 +41,7 @@ from streamdqn.stream.sources import Record
 
 RATES = (1_000, 10_000, 50_000)
 TARGET = 0.7
-RUNNING = 1e15  # "transitions inserted" that leaves the learner an unlimited update budget
+RUNNING = 10**15  # "rows inserted" that leaves the learner an unlimited update budget
 
 
 def updates(runner: LearnerRunner) -> int:
@@ -57,12 +57,12 @@ def make_runner(mode: str, capacity: int, prefill: int) -> tuple[LearnerRunner, 
     runner: LearnerRunner
     if mode == "process":
         lock = ProcessRunner.make_lock()
-        buffer = ReplayBuffer(capacity, FEATURE_DIM, "cpu", seed=0, shared=True, lock=lock)
+        buffer = ReplayBuffer(capacity, "cpu", seed=0, shared=True, lock=lock)
         runner = ProcessRunner(settings, None, buffer, lock, options, learner.online.state_dict())
     else:
-        buffer = ReplayBuffer(capacity, FEATURE_DIM, "cpu", seed=0)
+        buffer = ReplayBuffer(capacity, "cpu", seed=0)
         runner = ThreadRunner(learner, buffer, options)
-    buffer.push(*random_transitions(prefill).values())
+    buffer.push(random_rows(prefill))
     return runner, buffer
 
 

@@ -77,7 +77,7 @@ def write_config(
         },
         "checkpoint": {"interval_seconds": s.checkpoint.interval_seconds},
         "replay": {"capacity": s.replay.capacity, "min_size": s.replay.min_size},
-        "learner": {"epsilon_decay_steps": s.learner.epsilon_decay_steps, "mode": learner_mode},
+        "learner": {"mode": learner_mode},
         "log": {"json": True},
     }
     lines = []
@@ -225,7 +225,7 @@ async def measure(
             KafkaOptions(broker.bootstrap_servers, str(k["topic"]), "unused"),
             {str(k["topic"]): 4, str(k["dlq_topic"]): 1, str(k["snapshot_topic"]): 1},
         )
-        # The backlog goes in before the daemon starts, so that replay holds min_size transitions at once.
+        # The backlog goes in before the daemon starts, so that replay holds min_size rows at once.
         producer = Producer(broker.bootstrap_servers, str(k["topic"]), rate, burst=backlog)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("NOTIFY_SOCKET", None)

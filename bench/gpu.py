@@ -1,6 +1,7 @@
 """GPU: the fast path on one CUDA device, in one short run (< 3 minutes); exits cleanly without CUDA.
 
-    updates     DQN updates/s at batch 64 and 256, all from a ReplayBuffer on the GPU:
+    updates     DQN updates/s at batch 64 and 256 (replay rows: each teaches all five Q-values,
+                streamdqn.learning.learner.row_loss), all from a ReplayBuffer on the GPU:
                   eager       DQNLearner.update(buffer.sample(b)) with cuda_graph off (its stats
                               .tolist() waits for the GPU once per update)
                   eager-async the same steps without reading stats back each update
@@ -9,9 +10,9 @@
                               captured once per batch size (streamdqn.learning.graphs) and replayed, static
                               inputs filled from replay samples; stats read back each update
                   graphed (no sampling)  the same update on one pre-drawn sample
-    pushes      ReplayBuffer.push(512 transitions from numpy) to the GPU: streamdqn's pinned
-                staging + non_blocking copy, vs a plain pageable .to(device), vs one reused pinned
-                staging buffer
+    pushes      ReplayBuffer.push(512 replay rows from numpy, all 13 columns) to the GPU: streamdqn's
+                pinned staging + non_blocking copy, vs a plain pageable .to(device), vs one reused
+                pinned staging buffer per column
     ingest      IngestPipeline.process on pre-built records (no broker) pushing into a GPU replay
                 buffer, with a ThreadRunner learner on the GPU: each alone and both at once
 
@@ -28,16 +29,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
-from _common import emit, header, random_transitions, ratio, table
+from _common import emit, header, random_rows, ratio, table
 
-from streamdqn.learning.learner import DQNLearner, td_loss
-from streamdqn.learning.replay.buffer import ReplayBuffer, ReplaySamples
+from streamdqn.learning.learner import DQNLearner, row_loss
+from streamdqn.learning.replay.buffer import ReplayBuffer, RowBatch
 from streamdqn.learning.settings import LearnerSettings
 from streamdqn.stream.features import FEATURE_DIM
-from streamdqn.stream.wire import Action
+from streamdqn.stream.rows import N_ACTIONS, ROW_FIELDS, ROW_LAYOUT
 
-N_ACTIONS = len(Action)
 BATCHES = (64, 256)
 PUSH = 512
 
@@ -62,17 +63,18 @@ def rate(fn: Callable[[], object], seconds: float, device: torch.device, per_cal
 
 
 def filled_buffer(capacity: int, device: torch.device) -> ReplayBuffer:
-    buffer = ReplayBuffer(capacity, FEATURE_DIM, device, seed=0)
-    buffer.push(*random_transitions(capacity).values())
+    buffer = ReplayBuffer(capacity, device, seed=0)
+    for start in range(0, capacity, 100_000):
+        buffer.push(random_rows(min(100_000, capacity - start), seed=start))
     return buffer
 
 
-def eager_async(learner: DQNLearner) -> Callable[[ReplaySamples], None]:
+def eager_async(learner: DQNLearner) -> Callable[[RowBatch], None]:
     """DQNLearner.update's steps without the per-update stats read-back."""
     s = learner.settings
 
-    def update(sample: ReplaySamples) -> None:
-        loss, _, _ = td_loss(learner.online, learner.target, sample, s.gamma, s.double_dqn)
+    def update(sample: RowBatch) -> None:
+        loss, _, _ = row_loss(learner.online, learner.target, sample, s.gamma, s.double_dqn)
         learner.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(learner.online.parameters(), s.grad_clip)
@@ -115,28 +117,30 @@ def bench_updates(
 
 
 def bench_pushes(device: torch.device, seconds: float, capacity: int) -> dict[str, float]:
-    batch = tuple(random_transitions(PUSH, seed=1).values())
-    ours = ReplayBuffer(capacity, FEATURE_DIM, device, seed=0)
-    ring = ReplayBuffer(capacity, FEATURE_DIM, device, seed=0)  # its storage, written directly below
-    dtypes = (torch.float32, torch.int64, torch.float32, torch.float32, torch.bool)
+    rows = random_rows(PUSH, seed=1)
+    columns = dict(zip(ROW_FIELDS, rows, strict=True))
+    ours = ReplayBuffer(capacity, device, seed=0)
+    ring = ReplayBuffer(capacity, device, seed=0)  # its storage, written directly below
     pin = device.type == "cuda"
-    staging = [torch.empty(a.shape, dtype=d, pin_memory=pin) for a, d in zip(batch, dtypes, strict=True)]
+    staging = {
+        name: torch.from_numpy(np.zeros((PUSH, *shape), dtype)).pin_memory() if pin
+        else torch.from_numpy(np.zeros((PUSH, *shape), dtype))
+        for name, (dtype, shape) in ROW_LAYOUT.items()
+    }
 
     def pageable() -> None:
-        ring.storage.write(
-            tuple(torch.as_tensor(a, dtype=d).to(device) for a, d in zip(batch, dtypes, strict=True))
-        )
+        ring.storage.write({name: torch.from_numpy(a).to(device) for name, a in columns.items()})
 
     def reused_pinned() -> None:
-        for dst, a in zip(staging, batch, strict=True):
-            dst.numpy()[...] = a
-        ring.storage.write(tuple(t.to(device, non_blocking=True) for t in staging))
+        for name, a in columns.items():
+            staging[name].numpy()[...] = a
+        ring.storage.write({name: t.to(device, non_blocking=True) for name, t in staging.items()})
         # A reused staging buffer must not be overwritten before its copy ran; sync per push is the
         # simple price here (a real one would double-buffer with events).
         synchronize(device)
 
     return {
-        "streamdqn push (pin_memory() + non_blocking)": rate(lambda: ours.push(*batch), seconds, device),
+        "streamdqn push (pin_memory() + non_blocking)": rate(lambda: ours.push(rows), seconds, device),
         "pageable .to(device)": rate(pageable, seconds, device),
         "reused pinned staging + sync": rate(reused_pinned, seconds, device),
     }
@@ -160,7 +164,7 @@ def bench_ingest(device: torch.device, seconds: float, n_records: int) -> dict[s
     runner.start()
     try:
         out = {"ingest alone ev/s": ingest.full_speed(seconds)}
-        runner.note_inserted(1e15)
+        runner.note_inserted(10**15)
         time.sleep(0.5)
         before, started = runner.stats().updates, time.perf_counter()
         time.sleep(seconds)
@@ -203,7 +207,7 @@ def run(smoke: bool, cpu_check: bool) -> dict[str, Any]:
     )
     pushes = bench_pushes(device, seconds, capacity)
     table(
-        ["push of 512 transitions from numpy", "ops/s"],
+        ["push of 512 rows from numpy", "ops/s"],
         list(pushes.items()),
         title="replay pushes to the device",
     )

@@ -6,12 +6,20 @@ in alternating rounds and each time with a fresh consumer group and the same fet
 (streamdqn's KafkaOptions defaults):
 
     ceiling    aiokafka getmany, counting bytes only
-    streamdqn  KafkaSource.fetch (getmany -> Record) -> IngestPipeline.process: decode, validate,
-               featurize, episodes -> transitions, acting policy, push into a real ReplayBuffer
+    streamdqn  KafkaSource.fetch (getmany -> Record) -> IngestPipeline.process, the columnar path end
+               to end: decode_batch (msgspec -> numpy columns, vectorized checks), episodes, features,
+               replay rows (one per step), pushed into a real ReplayBuffer
 
 The clock of a pass starts at its first non-empty fetch (group join excluded) and that first
-batch is not counted. A broker-free breakdown of the same payloads follows, to show where the time
-goes. The process runs with the daemon's garbage-collector settings (`streamdqn.daemon.server.tune_gc`),
+batch is not counted. Broker-free sections on the same payloads follow:
+
+    where the time goes   cumulative stages of the pipeline, batches of 2000 records
+    verdict join          the same events without labels (no is_malicious / severity) plus one
+                          verdict per episode on a verdicts topic (it arrives VERDICT_LAG records
+                          after the episode's last event), against the events with inline labels:
+                          telemetry events/s of whole passes, a fresh pipeline per pass
+
+The process runs with the daemon's garbage-collector settings (`streamdqn.daemon.server.tune_gc`),
 which apply to both sides; `--default-gc` keeps CPython's defaults, to see what they cost.
 
     python bench/ingest.py [--smoke] [--events N] [--rounds R] [--default-gc]
@@ -27,7 +35,8 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,20 +50,23 @@ from streamdqn.kafka.admin import ensure_topics
 from streamdqn.kafka.broker import EmbeddedBroker
 from streamdqn.kafka.options import KafkaOptions, consumer_settings
 from streamdqn.kafka.source import KafkaSource
-from streamdqn.learning.learner import ActingPolicy
 from streamdqn.learning.replay.buffer import ReplayBuffer
-from streamdqn.learning.settings import LearnerSettings
 from streamdqn.offline.simulator import simulate
-from streamdqn.stream.episodes import EpisodeTracker, TransitionBatch
+from streamdqn.stream.episodes import EpisodeTracker
 from streamdqn.stream.features import FEATURE_DIM, RunningNormalizer
+from streamdqn.stream.join import VerdictJoin
 from streamdqn.stream.pipeline import IngestPipeline, PipelineOptions
+from streamdqn.stream.rows import relabel_rewards
 from streamdqn.stream.sources import Record
-from streamdqn.stream.wire import Action, decode, parse_payload, validate_records
+from streamdqn.stream.wire import decode, decode_batch, parse_payload
 
 PARTITIONS = 4
 FORMATS = {"msgpack": b"application/msgpack", "json": b"application/json"}
 POLL_TIMEOUT_MS = 200  # the daemon's kafka.poll_timeout_ms default
 TARGET, AIM = 0.5, 0.8
+VERDICTS_TOPIC = "verdicts"
+VERDICT_LAG = 500  # records between an episode's last event and its verdict
+BATCH = 2000  # the daemon's kafka.max_poll_records
 
 
 def encode(event: dict[str, object], fmt: str) -> bytes:
@@ -108,7 +120,7 @@ class PassResult:
     events_per_s: float
     mb_per_s: float
     rejected: int = 0
-    transitions: int = 0
+    rows: int = 0
 
 
 async def joined_consumer(options: KafkaOptions) -> AIOKafkaConsumer:
@@ -142,24 +154,31 @@ async def ceiling_pass(consumer: AIOKafkaConsumer, n: int) -> PassResult:
     return PassResult(counted / elapsed, nbytes / elapsed / 1e6)
 
 
-def make_pipeline(capacity: int) -> tuple[IngestPipeline, ReplayBuffer]:
-    """The daemon's ingest stage, wired as daemon.build wires it (CPU, thread mode)."""
-    settings = LearnerSettings(device="cpu", seed=0)
-    buffer = ReplayBuffer(capacity, FEATURE_DIM, "cpu", seed=0)
+def make_pipeline(capacity: int, *, join: bool = False) -> tuple[IngestPipeline, ReplayBuffer]:
+    """The daemon's ingest stage, wired as daemon.build wires it (CPU, default settings); with `join`,
+    records of VERDICTS_TOPIC are verdicts joined to their episodes."""
+    buffer = ReplayBuffer(capacity, "cpu", seed=0)
+    tracker = EpisodeTracker()
+    verdict_join = None
+    if join:
+        rewards, gamma = tracker.rewards, tracker.gamma
 
-    def push(batch: TransitionBatch) -> None:
-        buffer.push(batch.states, batch.actions, batch.rewards, batch.next_states, batch.dones)
+        def relabel(episode: int, malicious: bool, severity: float) -> int:
+            index = buffer.find_episode(episode)
+            if len(index):
+                buffer.write_rewards(index, *relabel_rewards(buffer.read(index), malicious, severity, rewards,
+                                                             gamma))
+            return len(index)
 
-    policy = ActingPolicy(settings, FEATURE_DIM, len(Action))
-    pipeline = IngestPipeline(
-        EpisodeTracker(), RunningNormalizer(FEATURE_DIM), policy, push, PipelineOptions()
-    )
+        verdict_join = VerdictJoin(tracker, relabel)
+    pipeline = IngestPipeline(tracker, RunningNormalizer(FEATURE_DIM), buffer.push, PipelineOptions(),
+                              join=verdict_join, verdicts_topic=VERDICTS_TOPIC if join else "")
     return pipeline, buffer
 
 
 async def streamdqn_pass(source: KafkaSource, n: int, capacity: int) -> PassResult:
     """KafkaSource.fetch -> IngestPipeline.process until n records were seen."""
-    pipeline, buffer = make_pipeline(capacity)
+    pipeline, _ = make_pipeline(capacity)
     try:
         seen = counted = nbytes = 0
         started = 0.0
@@ -178,7 +197,7 @@ async def streamdqn_pass(source: KafkaSource, n: int, capacity: int) -> PassResu
     finally:
         await source.stop()
     c = pipeline.counters
-    return PassResult(counted / elapsed, nbytes / elapsed / 1e6, sum(c.rejected.values()), len(buffer))
+    return PassResult(counted / elapsed, nbytes / elapsed / 1e6, sum(c.rejected.values()), c.transitions)
 
 
 async def wait_assigned(members: Sequence[AIOKafkaConsumer | KafkaSource], timeout: float = 60.0) -> None:
@@ -192,9 +211,9 @@ async def wait_assigned(members: Sequence[AIOKafkaConsumer | KafkaSource], timeo
 
 
 def breakdown(
-    payloads: Sequence[bytes], ct: bytes, rounds: int, seconds: float, batch: int = 2000
+    payloads: Sequence[bytes], ct: bytes, rounds: int, seconds: float, batch: int = BATCH
 ) -> dict[str, float]:
-    """events/s of cumulative stages on in-memory records (no broker): where the time goes.
+    """events/s of the pipeline's stages on in-memory records (no broker): where the time goes.
 
     Each stage handles the same `batch` records per call; stages alternate, median of rounds.
     """
@@ -204,12 +223,11 @@ def breakdown(
         Record("t", i % PARTITIONS, i // PARTITIONS, p, None, (("content-type", ct),))
         for i, p in enumerate(chunk)
     ]
+    cts = [ct_text] * len(chunk)
 
-    def batch_validate() -> None:
-        parsed: list[object] = []
-        for p in chunk:
-            parsed.extend(parse_payload(p, ct_text))
-        validate_records(parsed)
+    def pipeline_without_replay() -> None:
+        pipeline = IngestPipeline(EpisodeTracker(), RunningNormalizer(FEATURE_DIM), lambda rows: None)
+        pipeline.process(records)
 
     def whole_pipeline() -> None:
         pipeline, _ = make_pipeline(4 * batch)  # fresh episode state: the same records again are new
@@ -217,15 +235,94 @@ def breakdown(
 
     return side_by_side(
         {
-            "parse (msgpack/json) per record": lambda: [parse_payload(p, ct_text) for p in chunk],
-            "parse + validate per record (telemetry.decode)": lambda: [decode(p, ct_text) for p in chunk],
-            "parse per record + validate per batch (as the pipeline does)": batch_validate,
-            "IngestPipeline.process (all stages)": whole_pipeline,
+            "parse only (msgpack / json module, per record)": lambda: [
+                parse_payload(p, ct_text) for p in chunk
+            ],
+            "careful path per record (wire.decode: parse + pydantic)": lambda: [
+                decode(p, ct_text) for p in chunk
+            ],
+            "decode_batch (msgspec -> columns + vectorized checks)": lambda: decode_batch(chunk, cts),
+            "IngestPipeline.process, rows discarded (no replay)": pipeline_without_replay,
+            "IngestPipeline.process (all stages, into ReplayBuffer)": whole_pipeline,
         },
         rounds=rounds,
         seconds=seconds,
         per_call=len(chunk),
     )
+
+
+def unlabelled_with_verdicts(events: Sequence[dict[str, object]]) -> list[Record]:
+    """The events without their labels, msgpack, and each episode's verdict on VERDICTS_TOPIC,
+    VERDICT_LAG records after the episode's last event (keyed and partitioned as its telemetry)."""
+    headers = (("content-type", FORMATS["msgpack"]),)
+    offsets: dict[tuple[str, int], int] = {}
+    due: list[tuple[int, Record]] = []
+    out: list[Record] = []
+
+    def append(topic: str, key: bytes, value: bytes) -> None:
+        partition = zlib.crc32(key) % PARTITIONS
+        offset = offsets.get((topic, partition), 0)
+        offsets[(topic, partition)] = offset + 1
+        out.append(Record(topic, partition, offset, value, key, headers))
+
+    for i, event in enumerate(events):
+        while due and due[0][0] <= i:
+            _, verdict = due.pop(0)
+            append(VERDICTS_TOPIC, verdict.key or b"", verdict.value)
+        key = str(event["sandbox_id"]).encode()
+        append("telemetry", key, msgpack.packb({k: v for k, v in event.items()
+                                                if k not in ("is_malicious", "severity")}))
+        if event["final"]:
+            payload = {"sandbox_id": event["sandbox_id"], "episode_id": event["episode_id"],
+                       "is_malicious": event["is_malicious"], "severity": event["severity"],
+                       "timestamp": event["timestamp"]}
+            due.append((i + VERDICT_LAG, Record(VERDICTS_TOPIC, 0, 0, msgpack.packb(payload), key)))
+    for _, verdict in due:
+        append(VERDICTS_TOPIC, verdict.key or b"", verdict.value)
+    return out
+
+
+def inline_records(events: Sequence[dict[str, object]]) -> list[Record]:
+    headers = (("content-type", FORMATS["msgpack"]),)
+    offsets = [0] * PARTITIONS
+    out = []
+    for event in events:
+        key = str(event["sandbox_id"]).encode()
+        partition = zlib.crc32(key) % PARTITIONS
+        out.append(Record("telemetry", partition, offsets[partition], msgpack.packb(event), key, headers))
+        offsets[partition] += 1
+    return out
+
+
+def verdict_join_cost(events: Sequence[dict[str, object]], rounds: int, seconds: float) -> dict[str, Any]:
+    """Telemetry events/s of whole passes (a fresh pipeline each), inline labels vs a verdicts topic."""
+    inline = inline_records(events)
+    joined = unlabelled_with_verdicts(events)
+    telemetry = len(events)
+    outcome: dict[str, tuple[int, int]] = {}
+
+    def one_pass(records: list[Record], join: bool, name: str) -> Callable[[], object]:
+        def run_pass() -> None:
+            pipeline, _ = make_pipeline(max(1024, telemetry), join=join)
+            for start in range(0, len(records), BATCH):
+                pipeline.process(records[start : start + BATCH])
+            c = pipeline.counters
+            outcome[name] = (c.events_consumed, c.transitions)
+
+        return run_pass
+
+    rates = side_by_side(
+        {"inline labels": one_pass(inline, False, "inline labels"),
+         "unlabelled + verdicts topic": one_pass(joined, True, "unlabelled + verdicts topic")},
+        rounds=rounds, seconds=seconds, per_call=telemetry, warmup=0.0,
+    )
+    return {
+        "events_per_s": rates,
+        "join_over_inline": ratio(rates["unlabelled + verdicts topic"], rates["inline labels"]),
+        "verdict_records": len(joined) - telemetry,
+        "events_consumed": {k: v[0] for k, v in outcome.items()},
+        "rows": {k: v[1] for k, v in outcome.items()},
+    }
 
 
 async def run(n: int, rounds: int, smoke: bool, default_gc: bool) -> dict[str, object]:
@@ -278,11 +375,11 @@ async def run(n: int, rounds: int, smoke: bool, default_gc: bool) -> dict[str, o
                 "ratio": ratio(s, c),
                 "ceiling_mb_per_s": statistics.median(p.mb_per_s for p in ceiling),
                 "rejected": ours[-1].rejected,
-                "transitions_per_pass": ours[-1].transitions,
+                "rows_per_pass": ours[-1].rows,
                 "rounds": [[p.events_per_s for p in ceiling], [p.events_per_s for p in ours]],
             }
     table(
-        ["format", "ceiling ev/s", "streamdqn ev/s", "ratio", "rejected", "transitions/pass"],
+        ["format", "ceiling ev/s", "streamdqn ev/s", "ratio", "rejected", "replay rows/pass"],
         [
             [
                 fmt,
@@ -290,7 +387,7 @@ async def run(n: int, rounds: int, smoke: bool, default_gc: bool) -> dict[str, o
                 v["streamdqn_events_per_s"],
                 v["ratio"],
                 v["rejected"],
-                v["transitions_per_pass"],
+                v["rows_per_pass"],
             ]
             for fmt, v in results.items()
         ],
@@ -303,8 +400,19 @@ async def run(n: int, rounds: int, smoke: bool, default_gc: bool) -> dict[str, o
     table(
         ["stage (cumulative, no broker)", *FORMATS],
         [[name, *(stages[f][name] for f in FORMATS)] for name in names],
-        title=f"where the time goes (events/s, in-memory records, batches of 2000, median of {stage_rounds})",
+        title=f"where the time goes (events/s, in-memory records, batches of {BATCH}, "
+        f"median of {stage_rounds})",
     )
+    join_events = events[: min(n, 5_000 if smoke else 40_000)]
+    join = verdict_join_cost(join_events, stage_rounds, stage_seconds)
+    table(
+        ["msgpack, no broker", "telemetry ev/s", "events consumed", "replay rows"],
+        [[name, rate, join["events_consumed"][name], join["rows"][name]]
+         for name, rate in join["events_per_s"].items()],
+        title=f"verdict join: {len(join_events):,} events, {join['verdict_records']:,} verdicts (one per "
+        f"episode, {VERDICT_LAG} records after its last event), whole passes, median of {stage_rounds}",
+    )
+    print(f"  verdicts topic / inline labels: {join['join_over_inline']:.2f}x")
     targets = [Target(f"ingest_{fmt}_vs_ceiling", float(results[fmt]["ratio"]), TARGET) for fmt in FORMATS]
     verdicts = report_targets(targets, smoke)
     if not smoke:
@@ -320,6 +428,7 @@ async def run(n: int, rounds: int, smoke: bool, default_gc: bool) -> dict[str, o
         "gc": "default" if default_gc else {"frozen_at_start": True, "thresholds": list(GC_THRESHOLDS)},
         "formats": results,
         "stages_events_per_s": stages,
+        "verdict_join": join,
         "targets": verdicts,
     }
 
@@ -333,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     n = args.events or (5_000 if args.smoke else 200_000)
     rounds = args.rounds or (1 if args.smoke else 2)
-    torch.set_num_threads(1)  # the daemon's setting (learner.torch_threads); the acting policy runs here
+    torch.set_num_threads(1)  # the daemon's setting (learner.torch_threads)
     header("ingest", args.smoke, "streamdqn ingest vs the raw aiokafka ceiling, through tansu")
     emit(asyncio.run(run(n, rounds, args.smoke, args.default_gc)))
     return 0

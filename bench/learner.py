@@ -1,20 +1,33 @@
-"""Learner: DQNLearner.update(buffer.sample(b)) updates/s against the compute limit and two peers.
+"""Learner: DQNLearner.update(buffer.sample(b)) updates/s against the compute limit and two peers,
+and the Q-value targets each design learns per second.
 
-All on the CPU, MLP 30-256-256-5, one torch thread unless stated, same batch sizes (64, 256):
+All on the CPU, MLP 30-256-256-5, one torch thread unless stated, same batch sizes (64, 256). Replay
+holds rows as the ingest stage builds them from simulated events (bench/_workload.simulated_rows):
+one row per step, with the target of every action whose reward is known (`known`).
 
-    streamdqn  DQNLearner.update(ReplayBuffer.sample(b)): double DQN, Huber, grad clip, fused Adam
-    bare       one forward + backward + fused Adam step of the same MLP on a fixed batch: the limit
+    streamdqn  DQNLearner.update(ReplayBuffer.sample(b)): row_loss (masked Huber over every known
+               target, double DQN for ignore's bootstrap), grad clip, fused Adam
+    bare       one forward + masked Huber over the batch's five outputs + backward + fused Adam step of
+               the same MLP on a fixed batch: the limit
     bare_ddqn  bare plus the two no-grad forwards a double-DQN target needs: the limit for DQN
-    cleanrl    a CleanRL-style eager loop written here: plain tensors, randint sampling, target net,
-               MSE TD loss, default Adam, hard target copies
-    sb3        Stable-Baselines3 DQN.train(gradient_steps, batch_size) on its own numpy replay
-               buffer (skipped with a reason when stable-baselines3 is not installed)
+    cleanrl    a CleanRL-style eager loop written here, on single-action transitions: plain tensors,
+               randint sampling, target net, MSE TD loss, default Adam, hard target copies
+    sb3        Stable-Baselines3 DQN.train(gradient_steps, batch_size) on its own numpy replay buffer
+               of single-action transitions (skipped with a reason when it is not installed)
 
-Candidates alternate in rounds; each number is the median of the rounds. Then streamdqn at 1 vs
-2 torch threads, and where an update's time goes.
+Candidates alternate in rounds; each number is the median of the rounds. Then "targets learned per
+second": a row teaches every known Q-value of its state (5 here), a transition one. At batch 64,
+
+    streamdqn  targets/s = updates/s x 64 x mean known targets per row
+    five-row   the same information the earlier design's way: a plain single-action double-DQN TD
+               loss (Huber, grad clip, fused Adam, hard target copies, as streamdqn) over 5 x 64 = 320
+               transitions sampled from a plain tensor ring per update; targets/s = updates/s x 320
+
+both measured in the same alternating rounds, and the ratio. Then streamdqn at 1 vs 2 torch threads,
+and where an update's time goes.
 
     python bench/learner.py [--smoke]
-Targets: streamdqn >= 0.85x bare and >= 1.5x SB3. The last line is one JSON object.
+Targets: streamdqn >= 0.85x bare and >= 1.5x SB3 (updates/s). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -41,19 +54,20 @@ from _common import (
     side_by_side,
     table,
 )
+from _workload import simulated_rows
 from torch import nn
 
-from streamdqn.learning.learner import DQNLearner, td_loss
+from streamdqn.learning.learner import DQNLearner, row_loss, update_from
 from streamdqn.learning.replay.buffer import ReplayBuffer
 from streamdqn.learning.settings import LearnerSettings
 from streamdqn.stream.features import FEATURE_DIM
-from streamdqn.stream.wire import Action
+from streamdqn.stream.rows import N_ACTIONS, ReplayRows
 
-N_ACTIONS = len(Action)
 HIDDEN = (256, 256)
 BATCHES = (64, 256)
 FILL = 50_000
 TARGET_BARE, TARGET_SB3 = 0.85, 1.5
+TARGETS_BATCH = 64  # the daemon's default batch size
 
 
 def mlp() -> nn.Sequential:
@@ -70,20 +84,21 @@ def mlp() -> nn.Sequential:
 
 def streamdqn_update(buffer: ReplayBuffer, batch: int) -> Callable[[], object]:
     learner = DQNLearner(LearnerSettings(batch_size=batch, device="cpu", seed=0), FEATURE_DIM, N_ACTIONS)
-    return lambda: learner.update(buffer.sample(batch))
+    return lambda: update_from(learner, buffer)
 
 
-def bare_step(data: dict[str, np.ndarray], batch: int) -> Callable[[], object]:
-    """The compute limit: forward, loss, backward and a fused Adam step on a fixed batch."""
+def bare_step(rows: ReplayRows, batch: int) -> Callable[[], object]:
+    """The compute limit: forward, masked loss over the five outputs, backward and a fused Adam step on a
+    fixed batch."""
     torch.manual_seed(0)
     net = mlp()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, fused=True)
-    x = torch.from_numpy(data["states"][:batch])
-    a = torch.from_numpy(data["actions"][:batch]).unsqueeze(1)
-    y = torch.from_numpy(data["rewards"][:batch])
+    x = torch.from_numpy(rows.states[:batch])
+    y = torch.from_numpy(rows.rewards[:batch])
+    known = torch.from_numpy(rows.known[:batch]).float()
 
     def step() -> None:
-        loss = F.smooth_l1_loss(net(x).gather(1, a).squeeze(1), y)
+        loss = (F.smooth_l1_loss(net(x), y, reduction="none") * known).sum() / known.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -91,27 +106,68 @@ def bare_step(data: dict[str, np.ndarray], batch: int) -> Callable[[], object]:
     return step
 
 
-def bare_double_dqn_step(data: dict[str, np.ndarray], batch: int) -> Callable[[], object]:
+def bare_double_dqn_step(rows: ReplayRows, batch: int) -> Callable[[], object]:
     """The limit for a double-DQN update: `bare` plus the two no-grad forwards on next states."""
     torch.manual_seed(0)
     net = mlp()
     target = copy.deepcopy(net).requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, fused=True)
-    x = torch.from_numpy(data["states"][:batch])
-    x2 = torch.from_numpy(data["next_states"][:batch])
-    a = torch.from_numpy(data["actions"][:batch]).unsqueeze(1)
-    r = torch.from_numpy(data["rewards"][:batch])
+    x = torch.from_numpy(rows.states[:batch])
+    x2 = torch.from_numpy(rows.next_states[:batch])
+    r = torch.from_numpy(rows.rewards[:batch])
+    known = torch.from_numpy(rows.known[:batch]).float()
 
     def step() -> None:
         with torch.no_grad():
             best = net(x2).argmax(dim=1, keepdim=True)
-            y = r + 0.99 * target(x2).gather(1, best).squeeze(1)
-        loss = F.smooth_l1_loss(net(x).gather(1, a).squeeze(1), y)
+            y = r.clone()
+            y[:, 0] += 0.99 * target(x2).gather(1, best).squeeze(1)
+        loss = (F.smooth_l1_loss(net(x), y, reduction="none") * known).sum() / known.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     return step
+
+
+class FiveRowReference:
+    """The earlier design's update, written here: single-action transitions, five per visited step.
+
+    A plain preallocated tensor ring sampled with randint + index_select; double-DQN TD target on the
+    one taken action, Huber loss, grad-norm clip, fused Adam, hard target copies: streamdqn's
+    settings, one target per sampled transition.
+    """
+
+    def __init__(self, data: dict[str, np.ndarray], batch: int, s: LearnerSettings) -> None:
+        torch.manual_seed(0)
+        self.obs = torch.from_numpy(data["states"])
+        self.next_obs = torch.from_numpy(data["next_states"])
+        self.actions = torch.from_numpy(data["actions"])
+        self.rewards = torch.from_numpy(data["rewards"])
+        self.dones = torch.from_numpy(data["dones"].astype(np.float32))
+        self.online = mlp()
+        self.target = copy.deepcopy(self.online).requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=s.lr, fused=True)
+        self.batch, self.settings = batch, s
+        self.updates = 0
+
+    def update(self) -> None:
+        s = self.settings
+        idx = torch.randint(0, len(self.actions), (self.batch,))
+        obs, next_obs = self.obs.index_select(0, idx), self.next_obs.index_select(0, idx)
+        with torch.no_grad():
+            best = self.online(next_obs).argmax(dim=1, keepdim=True)
+            next_q = self.target(next_obs).gather(1, best).squeeze(1)
+            y = self.rewards[idx] + s.gamma * next_q * (1 - self.dones[idx])
+        q = self.online(obs).gather(1, self.actions[idx].unsqueeze(1)).squeeze(1)
+        loss = F.smooth_l1_loss(q, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.online.parameters(), s.grad_clip)
+        self.optimizer.step()
+        self.updates += 1
+        if self.updates % s.target_update_interval == 0:
+            self.target.load_state_dict(self.online.state_dict())
 
 
 class CleanRLStyle:
@@ -213,6 +269,36 @@ def _version(name: str) -> str:
         return "?"
 
 
+# ---------------------------------------------------------------- targets learned per second
+
+
+def targets_learned(
+    buffer: ReplayBuffer, data: dict[str, np.ndarray], mean_known: float, rounds: int, seconds: float
+) -> dict[str, Any]:
+    """Q-value targets per second at batch 64: replay rows vs five single-action transitions per row."""
+    b = TARGETS_BATCH
+    settings = LearnerSettings(batch_size=b, device="cpu", seed=0)
+    five = FiveRowReference(data, 5 * b, settings)
+    rates = side_by_side(
+        {"rows (streamdqn row_loss)": streamdqn_update(buffer, b), "five-row reference": five.update},
+        rounds=rounds, seconds=seconds,
+    )
+    per_update = {"rows (streamdqn row_loss)": b * mean_known, "five-row reference": float(5 * b)}
+    designs = {
+        name: {"updates_per_s": rate, "targets_per_update": per_update[name],
+               "targets_per_s": rate * per_update[name]}
+        for name, rate in rates.items()
+    }
+    ours, reference = designs["rows (streamdqn row_loss)"], designs["five-row reference"]
+    return {
+        "batch_rows": b,
+        "mean_known_per_row": mean_known,
+        "designs": designs,
+        "ratio": ratio(ours["targets_per_s"], reference["targets_per_s"]),
+        "updates_ratio": ratio(ours["updates_per_s"], reference["updates_per_s"]),
+    }
+
+
 # ---------------------------------------------------------------- where the time goes
 
 
@@ -222,7 +308,7 @@ def update_breakdown(buffer: ReplayBuffer, batch: int, steps: int) -> dict[str, 
     s = learner.settings
     parts = {
         "sample": 0.0,
-        "td_loss (3 forwards)": 0.0,
+        "row_loss (3 forwards)": 0.0,
         "backward": 0.0,
         "clip_grad_norm_": 0.0,
         "adam step (fused)": 0.0,
@@ -233,7 +319,7 @@ def update_breakdown(buffer: ReplayBuffer, batch: int, steps: int) -> dict[str, 
         t = [time.perf_counter()]
         sample = buffer.sample(batch)
         t.append(time.perf_counter())
-        loss, td_abs, q_max = td_loss(learner.online, learner.target, sample, s.gamma, s.double_dqn)
+        loss, td_abs, q_max = row_loss(learner.online, learner.target, sample, s.gamma, s.double_dqn)
         t.append(time.perf_counter())
         learner.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -258,17 +344,21 @@ def update_breakdown(buffer: ReplayBuffer, batch: int, steps: int) -> dict[str, 
 def run(smoke: bool) -> dict[str, Any]:
     rounds, seconds = (1, 0.1) if smoke else (5, 0.8)
     fill = 5_000 if smoke else FILL
-    data = random_transitions(fill)
-    buffer = ReplayBuffer(fill, FEATURE_DIM, "cpu", seed=0)
-    buffer.push(*data.values())
+    replay_rows = simulated_rows(fill)
+    data = random_transitions(5 * fill)  # the peers' replay: five transitions per row's step
+    buffer = ReplayBuffer(fill, "cpu", seed=0)
+    buffer.push(replay_rows)
+    mean_known = float(replay_rows.known.sum(axis=1).mean())
+    print(f"replay: {replay_rows.size:,} rows from simulated events, {mean_known:.2f} known targets per row; "
+          f"peers: {5 * fill:,} single-action transitions")
 
     torch.set_num_threads(1)
     results: dict[str, Any] = {"batches": {}}
     sb3_reason = ""
     for batch in BATCHES:
         candidates: dict[str, Callable[[], object]] = {
-            "bare": bare_step(data, batch),
-            "bare_ddqn": bare_double_dqn_step(data, batch),
+            "bare": bare_step(replay_rows, batch),
+            "bare_ddqn": bare_double_dqn_step(replay_rows, batch),
             "streamdqn": streamdqn_update(buffer, batch),
             "cleanrl": CleanRLStyle(data, batch).update,
         }
@@ -305,6 +395,17 @@ def run(smoke: bool) -> dict[str, Any]:
         rows,
         title=f"updates/s, 1 torch thread, median of {rounds} alternating round(s) of {seconds:g} s",
     )
+
+    learned = targets_learned(buffer, data, mean_known, rounds, seconds)
+    results["targets_learned"] = learned
+    table(
+        ["design (batch 64 rows = 320 transitions)", "updates/s", "targets/update", "targets/s"],
+        [[name, v["updates_per_s"], v["targets_per_update"], v["targets_per_s"]]
+         for name, v in learned["designs"].items()],
+        title=f"targets learned per second, median of {rounds} alternating round(s) of {seconds:g} s",
+    )
+    print(f"  rows / five-row reference, targets/s: {learned['ratio']:.2f}x "
+          f"(updates/s: {learned['updates_ratio']:.2f}x)")
 
     threads: dict[str, dict[str, float]] = {}
     for batch in BATCHES:

@@ -3,10 +3,14 @@
 Each mode runs in a fresh child process (`python bench/memory.py --child CAPACITY --shared {0,1}`)
 that imports torch and streamdqn, builds a capacity-1 ReplayBuffer, fills it and samples once, reads
 VmRSS from /proc/self/status (the fixed overhead: interpreter + torch + streamdqn), then does the
-same with the full-size buffer, filled with ReplayBuffer.push in chunks of 512 transitions (what
+same with the full-size buffer, filled with ReplayBuffer.push in chunks of 512 replay rows (what
 the ingest stage does), and reads VmRSS again (and the peak, VmHWM).
 
     buffer RSS = RSS(full) - fixed overhead,   compared with ReplayBuffer.nbytes
+
+Replay holds one row per step (all five actions' targets, 287 bytes); the earlier design held five
+transitions per step (the step and four counterfactual responses, 253 bytes each). The table also
+shows the bytes per step of each, i.e. how many more steps the same memory now holds.
 
 Both the daemon's process mode (shared=True: tensors in shared memory, which RSS counts as
 RssShmem) and thread mode (shared=False) are measured.
@@ -24,10 +28,13 @@ import subprocess
 import sys
 from typing import Any
 
-from _common import Target, emit, header, random_transitions, report_targets, table
+from _common import Target, emit, header, random_rows, report_targets, table
 
 TARGET = 1.2
 MIB = 1024 * 1024
+# The earlier layout, per transition: state + next state float32[30], action int64, reward float32, done bool.
+TRANSITION_BYTES = 2 * 30 * 4 + 8 + 4 + 1
+TRANSITIONS_PER_STEP = 5
 
 
 def status_kib(field: str) -> int:
@@ -45,7 +52,6 @@ def child(capacity: int, shared: bool) -> None:
     import torch
 
     from streamdqn.learning.replay import ReplayBuffer
-    from streamdqn.stream.features import FEATURE_DIM
 
     torch.set_num_threads(1)
     lock = None
@@ -55,10 +61,10 @@ def child(capacity: int, shared: bool) -> None:
         lock = ProcessRunner.make_lock()
 
     def filled(cap: int) -> ReplayBuffer:
-        buffer = ReplayBuffer(cap, FEATURE_DIM, "cpu", seed=0, shared=shared, lock=lock)
-        chunk = tuple(random_transitions(min(512, cap)).values())
+        buffer = ReplayBuffer(cap, "cpu", seed=0, shared=shared, lock=lock)
+        chunk = random_rows(min(512, cap))
         while buffer.total_pushed < cap:
-            buffer.push(*chunk)
+            buffer.push(chunk)
         buffer.sample(min(64, cap))  # the learner's first touch, as in the daemon
         return buffer
 
@@ -146,10 +152,25 @@ def run(smoke: bool) -> dict[str, Any]:
             "shmem MiB",
         ],
         rows,
-        title=f"ReplayBuffer of {capacity:,} transitions, filled; fixed overhead = RSS with capacity 1",
+        title=f"ReplayBuffer of {capacity:,} rows, filled; fixed overhead = RSS with capacity 1",
+    )
+    from streamdqn.learning.replay import ReplayBuffer
+
+    row = ReplayBuffer.bytes_needed(1)
+    old_step = TRANSITIONS_PER_STEP * TRANSITION_BYTES
+    table(
+        ["layout", "bytes per step", "steps in 1 GiB"],
+        [
+            ["one row per step (now)", float(row), float(2**30 // row)],
+            [f"{TRANSITIONS_PER_STEP} transitions per step (before)", float(old_step),
+             float(2**30 // old_step)],
+        ],
+        title=f"per visited step: the row layout holds {old_step / row:.2f}x the steps in the same memory",
     )
     verdicts = report_targets(targets, smoke)
-    return {"bench": "memory", "smoke": smoke, "capacity": capacity, **results, "targets": verdicts}
+    return {"bench": "memory", "smoke": smoke, "capacity": capacity, **results,
+            "row_bytes": row, "old_step_bytes": old_step, "steps_per_byte_vs_before": old_step / row,
+            "targets": verdicts}
 
 
 def main(argv: list[str] | None = None) -> int:

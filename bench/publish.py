@@ -52,9 +52,10 @@ from _common import emit, header, ratio, table
 from streamdqn.client.pull import pull
 from streamdqn.learning.model import QNetwork
 from streamdqn.serve.app import build_app, start_http, stop_http
-from streamdqn.snapshots.export import check_onnx, export_onnx, publish_snapshot
+from streamdqn.snapshots.export import Provenance, check_onnx, describe_policy, export_onnx, publish_snapshot
 from streamdqn.snapshots.store import SnapshotStore
 from streamdqn.stream.features import FEATURE_DIM
+from streamdqn.stream.rewards import RewardTable
 from streamdqn.stream.wire import Action
 
 T = TypeVar("T")
@@ -105,7 +106,8 @@ def snapshot_latency(root: Path, repeats: int) -> dict[str, float]:
     started = time.perf_counter()
     model = export_onnx(q)
     first_export = time.perf_counter() - started
-    manifest = {"events_learned": 0}
+    provenance = Provenance()
+    info = describe_policy(q, provenance, RewardTable())
     out = {
         "export_onnx (first call)": first_export,
         **interleaved_latency(
@@ -118,8 +120,8 @@ def snapshot_latency(root: Path, repeats: int) -> dict[str, float]:
                     model, providers=["CPUExecutionProvider"]
                 ),
                 "check_onnx (checker + session + parity)": lambda: check_onnx(model, q, probe),
-                "SnapshotStore.publish (fsync, rename, symlink)": lambda: store.publish(model, manifest),
-                "publish_snapshot (end to end)": lambda: publish_snapshot(store, q, probe, manifest),
+                "SnapshotStore.publish (fsync, rename, symlink)": lambda: store.publish(model, info),
+                "publish_snapshot (end to end)": lambda: publish_snapshot(store, q, probe, provenance),
             },
             repeats,
         ),
@@ -131,7 +133,7 @@ def snapshot_latency(root: Path, repeats: int) -> dict[str, float]:
 def http_latency(root: Path, calls: int) -> dict[str, float]:
     q, probe = default_network()
     store = SnapshotStore(root / "served", keep=5)
-    snapshot = publish_snapshot(store, q, probe, {"events_learned": 0})
+    snapshot = publish_snapshot(store, q, probe, Provenance())
     loop = LoopThread()
     app = build_app(
         snapshots_dir=store.root,

@@ -1,13 +1,17 @@
-"""Replay: streamdqn's ReplayBuffer against TorchRL's ReplayBuffer + LazyTensorStorage, same shapes.
+"""Replay: streamdqn's ReplayBuffer against TorchRL's ReplayBuffer + LazyTensorStorage, same rows.
 
-Transitions of the ingest stage: state and next state float32[30], action int64, reward float32,
-done bool; capacity 1,000,000 (smoke: 10,000), both buffers filled to capacity first, so every push
-overwrites the oldest rows as in steady state. Operations, each from what its caller holds:
+Replay rows of the ingest stage (streamdqn.stream.rows.ReplayRows: one row per step, its 13 columns:
+state and next state float32[30], rewards float32[5], known bool[5], horizon int8, and the columns
+that let a verdict relabel a row, 287 bytes in all); capacity 1,000,000 rows (smoke: 10,000), every
+buffer filled to capacity first, so every push overwrites the oldest rows as in steady state.
+Operations, each from what its caller holds:
 
-    push(512)     streamdqn: ReplayBuffer.push(numpy arrays), as IngestPipeline hands them over
-                  torchrl:   TensorDict of torch.from_numpy views -> extend (and, as a second row,
-                             extend of a TensorDict built beforehand: TorchRL's best case)
-    sample(256)   the learner's batch at batch_size 256, and sample(64) at the default 64
+    push(512)     streamdqn: ReplayBuffer.push(ReplayRows of numpy arrays), as IngestPipeline hands them
+                  torchrl:   TensorDict of torch.from_numpy views of the same 13 columns -> extend (and,
+                             as a second row, extend of a TensorDict built beforehand: TorchRL's best case)
+    sample(256)   the learner's batch at batch_size 256, and sample(64) at the default 64. streamdqn
+                  gathers the five columns an update reads (RowBatch); TorchRL's sample returns all
+                  13 (its API has no column subset), the plain ring gathers the same five as streamdqn
 
 A plain preallocated torch ring (slice copies, randint + index_select) written here is the floor
 reference. When torchrl cannot be imported, the comparison falls back to that ring and says so.
@@ -27,15 +31,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import Target, emit, header, random_transitions, ratio, report_targets, side_by_side, table
+from _common import Target, emit, header, random_rows, ratio, report_targets, side_by_side, table
 
-from streamdqn.learning.replay.buffer import ReplayBuffer
-from streamdqn.stream.features import FEATURE_DIM
+from streamdqn.learning.replay.buffer import LEARNED, ReplayBuffer
+from streamdqn.stream.rows import ROW_FIELDS, ROW_LAYOUT, ReplayRows
 
 PUSH = 512
 SAMPLES = (256, 64)
 TARGET = 2.0
-FIELDS = ("states", "actions", "rewards", "next_states", "dones")
 
 
 class PlainRing:
@@ -43,20 +46,18 @@ class PlainRing:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.tensors = (
-            torch.zeros(capacity, FEATURE_DIM),
-            torch.zeros(capacity, dtype=torch.int64),
-            torch.zeros(capacity),
-            torch.zeros(capacity, FEATURE_DIM),
-            torch.zeros(capacity, dtype=torch.bool),
-        )
+        self.tensors = {
+            name: torch.from_numpy(np.zeros((capacity, *shape), dtype))
+            for name, (dtype, shape) in ROW_LAYOUT.items()
+        }
+        self.learned = tuple(self.tensors[name] for name in LEARNED)
         self.cursor = self.size = 0
 
-    def push(self, batch: dict[str, np.ndarray]) -> None:
-        n = len(batch["actions"])
+    def push(self, rows: ReplayRows) -> None:
+        n = rows.size
         first = min(n, self.capacity - self.cursor)
-        for dst, name in zip(self.tensors, FIELDS, strict=True):
-            src = torch.from_numpy(batch[name])
+        for name, column in zip(ROW_FIELDS, rows, strict=True):
+            dst, src = self.tensors[name], torch.from_numpy(column)
             dst[self.cursor : self.cursor + first].copy_(src[:first])
             if first < n:
                 dst[: n - first].copy_(src[first:])
@@ -65,10 +66,10 @@ class PlainRing:
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, ...]:
         index = torch.randint(0, self.size, (batch_size,))
-        return tuple(t.index_select(0, index) for t in self.tensors)
+        return tuple(t.index_select(0, index) for t in self.learned)
 
 
-def torchrl_buffer(capacity: int) -> tuple[Any, Callable[[dict[str, np.ndarray]], Any], str]:
+def torchrl_buffer(capacity: int) -> tuple[Any, Callable[[ReplayRows], Any], str]:
     """(buffer, numpy batch -> TensorDict, version); raises ImportError when torchrl is unusable."""
     logging.getLogger("torchrl").setLevel(logging.WARNING)  # it logs every storage initialisation
     from tensordict import TensorDict
@@ -79,30 +80,31 @@ def torchrl_buffer(capacity: int) -> tuple[Any, Callable[[dict[str, np.ndarray]]
     logging.getLogger("torchrl").setLevel(logging.WARNING)
     import torchrl
 
-    def as_td(batch: dict[str, np.ndarray]) -> Any:
-        n = len(batch["actions"])
-        return TensorDict({k: torch.from_numpy(batch[k]) for k in FIELDS}, batch_size=[n])
+    def as_td(rows: ReplayRows) -> Any:
+        return TensorDict(
+            {k: torch.from_numpy(v) for k, v in zip(ROW_FIELDS, rows, strict=True)}, batch_size=[rows.size]
+        )
 
     rb = TorchRLReplayBuffer(storage=LazyTensorStorage(capacity), sampler=RandomSampler())
     return rb, as_td, torchrl.__version__
 
 
-def fill(capacity: int, push: Callable[[dict[str, np.ndarray]], object]) -> None:
-    chunk = random_transitions(min(capacity, 65_536), seed=1)
+def fill(capacity: int, push: Callable[[ReplayRows], object]) -> None:
+    chunk = random_rows(min(capacity, 65_536), seed=1)
     done = 0
     while done < capacity:
         push(chunk)
-        done += len(chunk["actions"])
+        done += chunk.size
 
 
 def run(smoke: bool) -> dict[str, Any]:
     capacity = 10_000 if smoke else 1_000_000
     rounds, seconds = (1, 0.1) if smoke else (5, 0.6)
     torch.set_num_threads(1)  # the learner's and the ingest loop's setting in the daemon
-    batch = random_transitions(PUSH, seed=2)
+    batch = random_rows(PUSH, seed=2)
 
-    ours = ReplayBuffer(capacity, FEATURE_DIM, "cpu", seed=0)
-    fill(capacity, lambda b: ours.push(*(b[k] for k in FIELDS)))
+    ours = ReplayBuffer(capacity, "cpu", seed=0)
+    fill(capacity, ours.push)
     ring = PlainRing(capacity)
     fill(capacity, ring.push)
 
@@ -121,7 +123,7 @@ def run(smoke: bool) -> dict[str, Any]:
     print(f"peer: {peer_note}")
 
     push_ops: dict[str, Callable[[], object]] = {
-        "streamdqn": lambda: ours.push(*(batch[k] for k in FIELDS)),
+        "streamdqn": lambda: ours.push(batch),
         "plain ring": lambda: ring.push(batch),
     }
     if rb is not None:
@@ -143,7 +145,7 @@ def run(smoke: bool) -> dict[str, Any]:
     table(
         ["implementation", *(f"{op} ops/s" for op in ops_names)],
         [[impl, *(results[op].get(impl, float("nan")) for op in ops_names)] for impl in impls],
-        title=f"capacity {capacity:,} (full), 1 torch thread, median of {rounds} alternating round(s)",
+        title=f"capacity {capacity:,} rows (full), 1 torch thread, median of {rounds} alternating round(s)",
     )
     table(
         ["streamdqn / x", *ops_names],
@@ -172,6 +174,7 @@ def run(smoke: bool) -> dict[str, Any]:
         "bench": "replay",
         "smoke": smoke,
         "capacity": capacity,
+        "row_bytes": ReplayBuffer.bytes_needed(1),
         "peer": peer,
         "peer_note": peer_note,
         "ops_per_s": results,

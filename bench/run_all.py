@@ -30,7 +30,10 @@ from _common import command_line, load_line, machine, table
 
 HERE = Path(__file__).resolve().parent
 # Order: cheap and independent first; quality (owned with the offline trainer) last, as it is the longest.
-BENCHES = ("ingest", "learner", "replay", "concurrency", "memory", "publish", "freshness", "gpu", "quality")
+BENCHES = (
+    "ingest", "learner", "replay", "concurrency", "memory", "publish", "daemon", "freshness", "gpu",
+    "quality",
+)
 TIMEOUT_S = {"smoke": 300, "full": 1800}
 
 
@@ -115,11 +118,15 @@ def summarize(outcomes: list[Outcome], smoke: bool) -> list[list[object]]:
             )
         for key, label in (
             ("pull_304_vs_plain_get", "pull 304 / plain GET"),
+            ("daemon_over_raw_msgpack", "streamdqn run / raw getmany, msgpack"),
+            ("daemon_over_raw_json", "streamdqn run / raw getmany, JSON"),
             ("freshness_mean_s", "freshness mean s"),
             ("default_predicted_mean_s", "freshness at 300 s, mean s"),
         ):
             if key in o.result:
-                rows.append([o.name, label, float(o.result[key]), "", "(no target)"])
+                value = o.result[key]
+                shown = float("nan") if value is None else float(value)
+                rows.append([o.name, label, shown, "", "(no target)"])
         if "target_met" in o.result:
             # quality.py's own verdict: the DQN's median return (over seeds) against the strongest
             # supervised reference's, with a false-positive rate no higher than that reference's.
