@@ -182,6 +182,9 @@ class IngestPipeline:
         problems: dict[int, list[Reject]] = {}
         transitions = 0
         finished: list[Finished] = []
+        # The rows of the batch's joins go to replay in one push; a verdict for an episode joined in
+        # this batch (a revision) may relabel its rows in replay, so the rows are pushed before it.
+        pending, joined = Emitted(), set[tuple[str, str]]()
         for r, record in enumerate(records):
             verdicts, rejects = decode_verdicts(
                 record.value, content_type(record), max_bytes=o.max_message_bytes,
@@ -190,9 +193,15 @@ class IngestPipeline:
             if rejects:
                 problems[r] = rejects
             for _, verdict in verdicts:
+                key = (verdict.sandbox_id, str(verdict.episode_id))
+                if key in joined:
+                    transitions += self._account(pending)
+                    pending, joined = Emitted(), set[tuple[str, str]]()
                 emitted = self.join.add(verdict)
-                transitions += self._account(emitted)  # pushed before the next verdict may relabel them
+                joined.add(key)
+                pending.merge(emitted)
                 finished += emitted.finished
+        transitions += self._account(pending)
         c = self.counters
         c.verdict_records += len(records)
         for rejects in problems.values():

@@ -502,7 +502,8 @@ def test_poisoning_guards_rate_cap_clipping_and_publish_gate(kafka_bootstrap: st
             snapshots / str(before_version) / "model.onnx", holdout)
         manifest = json.loads((snapshots / str(before_version) / "manifest.json").read_bytes())
         evaluation = manifest["evaluation"]
-        assert evaluation["gate"] == "passed"
+        assert evaluation["gate"].startswith("passed: ")
+        assert evaluation["bounds"]["passed"]
         assert evaluation["held_out_episodes"] >= 10
 
         # The flood: one compromised sandbox, label-flipped, alongside fresh clean traffic.
