@@ -126,6 +126,9 @@ class LearnerConfig(LearnerSettings):
     README for what pausing trades)."""
     torch_threads: Annotated[int, Field(ge=0)] = 1
     """torch intra-op threads for the learner; 0 keeps torch's default. One is fastest on 2 cores."""
+    process_nice: Annotated[int, Field(ge=0, le=19)] = 10
+    """Scheduling niceness added to the learner process (mode "process"): where the CPU is short, the
+    stream's ingest goes first and the learner takes what is left (0: equal shares)."""
 
 
 class ReplaySettings(Section):

@@ -274,7 +274,7 @@ def _runner(
     options = RunnerOptions(
         FEATURE_DIM, len(Action), min_size=s.replay.min_size,
         updates_per_transition=s.learner.updates_per_transition, torch_threads=s.learner.torch_threads,
-        feature_clip=s.episodes.feature_clip,
+        feature_clip=s.episodes.feature_clip, nice=s.learner.process_nice,
     )
     if process_mode:
         return ProcessRunner(learning, learner.state_dict(), replay, lock, options,

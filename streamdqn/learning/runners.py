@@ -43,6 +43,7 @@ class RunnerOptions:
     publish_every_updates: int = 50
     torch_threads: int = 1
     feature_clip: float = 10.0
+    nice: int = 0  # niceness added to a learner process
 
 
 class LearnerStats(NamedTuple):
@@ -232,6 +233,8 @@ def _process_main(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if options.torch_threads > 0:
         torch.set_num_threads(options.torch_threads)
+    if options.nice > 0:
+        os.nice(options.nice)
     learner = DQNLearner(settings, options.obs_dim, options.n_actions, clip=options.feature_clip)
     if state is not None:
         learner.load_state_dict(state)
