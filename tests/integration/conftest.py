@@ -313,7 +313,8 @@ def make_daemon(tmp_path: Path) -> Iterator[object]:
 def live_daemon(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     tmp = tmp_path_factory.mktemp("live")
     t = Topics.fresh(kafka_bootstrap).create()
-    events = sim_events(40, seed=11)
+    # Half of the sandboxes say which policy they acted with, so per-version outcomes have samples.
+    events = [{**e, "policy_version": "1"} if i % 2 else e for i, e in enumerate(sim_events(40, seed=11))]
     produce(t.bootstrap, t.telemetry, [*encode_events(events), Message(b"\x00not telemetry")])
     port = free_port()
     config = write_config(tmp / "streamdqn.toml", t, tmp / "state", port)
@@ -322,6 +323,8 @@ def live_daemon(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) 
         daemon.wait_for(lambda: daemon.metric("streamdqn_snapshot_version") >= 1, 120, "a published snapshot")
         daemon.wait_for(lambda: daemon.metric("streamdqn_events_consumed_total") >= len(events), 60,
                         "all events consumed")
+        daemon.wait_for(lambda: any(k.startswith("streamdqn_policy_action_share{") for k in daemon.metrics()),
+                        30, "the rollout's first drift measurement")
         yield daemon
     finally:
         daemon.stop()
