@@ -27,6 +27,7 @@ one JSON object with the results.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import statistics
@@ -50,6 +51,7 @@ from streamdqn.offline.evaluate import (
     format_report,
     split_fit_evaluation,
 )
+from streamdqn.offline.importer import import_malbehavd
 from streamdqn.offline.simulator import simulate, write_events
 from streamdqn.offline.train import train
 from streamdqn.stream.rewards import RewardTable
@@ -118,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-file", type=Path, help="telemetry JSONL to train on (with --eval-file; "
                         "default: simulated)")
     parser.add_argument("--eval-file", type=Path, help="telemetry JSONL to evaluate on (with --train-file)")
+    parser.add_argument("--real", type=Path, metavar="CSV",
+                        help="real behaviour: the MalBehavD-V1 CSV, imported (streamdqn import) and split by "
+                        "sample into 70 %% training / 30 %% evaluation with a fixed hash of the sample")
     parser.add_argument("--reference-folds", type=int, default=5, help="cross-fitting folds for the "
                         "references' thresholds (0: tune on the rows they were fitted on; default 5)")
     parser.add_argument("--device", default="cpu", help="learner device: cpu, cuda or auto (default cpu)")
@@ -125,6 +130,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar="KEY=VALUE", help="a train() hyperparameter, e.g. --set lr=3e-4 (repeatable)")
     parser.add_argument("--workdir", type=Path, help="keep data and state here (default: a temp directory)")
     args = parser.parse_args(argv)
+    if args.real is not None and (args.train_file is not None or args.eval_file is not None):
+        parser.error("--real makes its own training and evaluation files: leave out --train-file/--eval-file")
+    if args.real is not None and not args.real.is_file():
+        parser.error(f"{args.real}: no such file")
     if (args.train_file is None) != (args.eval_file is None):
         parser.error("--train-file and --eval-file go together: pass both, or neither to simulate")
     for path in (args.train_file, args.eval_file):
@@ -247,12 +256,29 @@ def print_summary(summary: dict[str, dict[str, dict[str, float | None]]], seeds:
         print("  ".join(cells))
 
 
+def in_evaluation_split(episode_id: object) -> bool:
+    """A fixed 30 % of the samples, by a hash of the episode (one sample per episode): the same split on
+    every run and machine, chosen before anything is trained or scored."""
+    digest = hashlib.sha256(f"malbehavd-split\0{episode_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < 0.3
+
+
+def split_real(csv_path: Path, train_file: Path, eval_file: Path) -> None:
+    """Import MalBehavD-V1 (each row a sample's API-call sequence, labelled) and split it by sample."""
+    events = list(import_malbehavd([csv_path]).events())
+    write_events(train_file, (e for e in events if not in_evaluation_split(e["episode_id"])))
+    write_events(eval_file, (e for e in events if in_evaluation_split(e["episode_id"])))
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Run every seed; print the per-seed tables, the summary and the verdict; return the JSON results."""
     rewards = RewardTable()
     base = SMOKE if args.smoke else FULL
     if args.train_file is not None:
         train_file, eval_file = args.train_file, args.eval_file
+    elif args.real is not None:
+        train_file, eval_file = workdir / "real-train.jsonl", workdir / "real-evaluate.jsonl"
+        split_real(args.real, train_file, eval_file)
     else:
         train_file, eval_file = workdir / "train.jsonl", workdir / "evaluate.jsonl"
         write_events(train_file, simulate(base.train_file_episodes, seed=TRAIN_SEED))
@@ -297,6 +323,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "hyperparameters": dict(args.hyper),
         "train_file": str(args.train_file) if args.train_file else None,
         "eval_file": str(args.eval_file) if args.eval_file else None,
+        "real": str(args.real) if args.real else None,
         "train_file_episodes": len(training),
         "train_episodes": train_episodes,
         "eval_file_episodes": len(evaluation),
