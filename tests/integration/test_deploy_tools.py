@@ -64,6 +64,8 @@ _COUNTERS = [
     "verdicts_revised",
     "label_disagreements",
     "rows_relabelled",
+    "policy_episodes",
+    "channel_changes",
 ]
 _GAUGES = [
     "replay_size",
@@ -83,6 +85,10 @@ _GAUGES = [
     "broker_connected",
     "partitions_assigned",
     "build_info",
+    "channel_version",
+    "feature_drift_psi",
+    "feature_drift_psi_max",
+    "policy_action_share",
 ]
 _HISTOGRAMS = ["episode_return", "ingest_batch_seconds", "snapshot_export_seconds", "checkpoint_seconds",
                "verdict_delay_seconds"]

@@ -76,7 +76,7 @@ def test_a_bad_canary_is_demoted_and_a_good_one_promoted(topics: Topics, make_da
     assert demoted[-1]["version"] == canary
     assert "false-positive rate" in str(demoted[-1]["reason"])
     outcomes = {k: v for k, v in daemon.metrics().items() if k.startswith("streamdqn_policy_episodes_total")}
-    false_positives = f'streamdqn_policy_episodes_total{{version="{canary}",outcome="false_positive"}}'
+    false_positives = f'streamdqn_policy_episodes_total{{outcome="false_positive",version="{canary}"}}'
     assert outcomes.get(false_positives, 0) > 0, outcomes
     print(f"rollout: demoted {took:.1f} s after the breaching episodes were produced")
 
