@@ -83,7 +83,13 @@ class KafkaClients:
             await ensure_copartitioned(o, o.topic, o.verdicts_topic)
         sink = KafkaSink(o)
         await sink.start()
-        source = KafkaSource(o, on_assigned=_log_assigned, on_revoked=self.on_revoked)
+        source = KafkaSource(o, on_revoked=self.on_revoked)
+
+        async def assigned(partitions: set[int]) -> None:
+            log_event("partitions assigned", partitions=sorted(partitions))
+            warn_if_sharing(partitions, source.topic_partitions(), o.topic, o.group_id)
+
+        source.on_assigned = assigned
         source.start_offsets = self.offsets
         try:
             await source.start()
@@ -109,8 +115,18 @@ class GivenClients:
         return self.source, self.sink
 
 
-async def _log_assigned(partitions: set[int]) -> None:
-    log_event("partitions assigned", partitions=sorted(partitions))
+def warn_if_sharing(assigned: set[int], total: int | None, topic: str, group: str) -> bool:
+    """A single daemon (no other rank configured) that is assigned only part of the topic shares its
+    consumer group with another member: a second daemon started by mistake on the same group, or an old
+    one still running. Each would learn from half the stream and publish its own snapshots."""
+    if total is None or len(assigned) >= total:
+        return False
+    log.warning(
+        "only %d of the %d partitions of %s are assigned to this daemon: another consumer is in group %r. "
+        "If a second streamdqn runs with this group id, stop it or give it another kafka.group_id; a "
+        "daemon learns from, checkpoints and publishes only what it is assigned.",
+        len(assigned), total, topic, group)
+    return True
 
 
 def build(settings: Settings, source: RecordSource | None = None, sink: RecordSink | None = None) -> Server:

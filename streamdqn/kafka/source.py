@@ -145,6 +145,13 @@ class KafkaSource:
                 consumer.seek(tp, begin)
                 self.start_offsets[key] = begin
 
+    def topic_partitions(self) -> int | None:
+        """How many partitions the telemetry topic has, as the consumer's metadata knows (None: unknown)."""
+        if self._consumer is None:
+            return None
+        parts = self._consumer.partitions_for_topic(self.options.topic)
+        return len(parts) if parts else None
+
     def assignment(self) -> set[Partition]:
         if self._consumer is None:
             return set()
