@@ -8,6 +8,7 @@ import logging
 import os
 import stat
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,65 @@ def test_sign_and_verify_roundtrip(algorithm: str, ed_keys: tuple[Path, Path], h
     verify_manifest(manifest, verifier)
     # Key order and whitespace of the JSON on disk do not matter: the payload is canonical.
     verify_manifest(dict(reversed(list(manifest.items()))), verifier)
+
+
+def test_the_canonical_payload_is_pinned_byte_for_byte() -> None:
+    """A verifier written in another language must rebuild exactly these bytes: sorted keys at every
+    depth, no whitespace, ASCII escapes, the signature left out."""
+    manifest = {
+        "version": 3, "sha256": "abab", "name": "café",
+        "normalizer": {"std": [1.0, 2.5], "mean": [0.0, -1.5], "clip": 10},
+        "signature": {"algorithm": "ed25519", "value": "c2ln"},
+    }
+    expected = (b'{"name":"caf\\u00e9","normalizer":{"clip":10,"mean":[0.0,-1.5],"std":[1.0,2.5]},'
+                b'"sha256":"abab","version":3}')
+    assert signed_payload(manifest) == expected
+    with pytest.raises(ValueError, match="JSON compliant"):
+        signed_payload({**manifest, "version": float("nan")})  # NaN has no canonical JSON spelling
+
+
+def _normalizer_manifest() -> dict[str, Any]:
+    return _manifest(normalizer={"count": 12.0, "mean": [0.5, -1.0], "std": [1.0, 2.0], "clip": 10.0})
+
+
+@pytest.mark.parametrize("algorithm", ["ed25519", "hmac-sha256"])
+def test_reordered_json_keeps_the_canonical_bytes_and_a_changed_value_breaks_them(
+    algorithm: str, ed_keys: tuple[Path, Path], hmac_file: Path, tmp_path: Path
+) -> None:
+    sign_key, verify_key = (ed_keys if algorithm == "ed25519" else (hmac_file, hmac_file))
+    signer, verifier = load_signer(algorithm, str(sign_key)), load_verifier(algorithm, str(verify_key))
+    assert signer is not None
+    assert verifier is not None
+    manifest = _signed(_normalizer_manifest(), signer)
+    payload = signed_payload(manifest)
+
+    # The same manifest written to disk with every object's keys reversed and indented, then read back.
+    def reverse(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: reverse(v) for k, v in reversed(list(value.items()))}
+        return value
+
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(reverse(manifest), indent=4))
+    reread = json.loads(path.read_text())
+    assert list(reread) != list(manifest)
+    assert list(reread["normalizer"]) != list(manifest["normalizer"])
+    assert signed_payload(reread) == payload
+    verify_manifest(reread, verifier)
+
+    changes: dict[str, Callable[[dict[str, Any]], object]] = {
+        "version": lambda m: m.update(version=m["version"] + 1),
+        "sha256": lambda m: m.update(sha256="ab" * 31 + "ac"),
+        "normalizer mean": lambda m: m["normalizer"]["mean"].__setitem__(1, -1.0000001),
+        "normalizer std order": lambda m: m["normalizer"]["std"].reverse(),  # list order is content
+        "int for float": lambda m: m["normalizer"].update(clip=10),  # 10 and 10.0 spell differently
+    }
+    for what, change in changes.items():
+        changed = copy.deepcopy(reread)
+        change(changed)
+        assert signed_payload(changed) != payload, what
+        with pytest.raises(SnapshotVerifyError, match=r"bad .* signature"):
+            verify_manifest(changed, verifier)
 
 
 @pytest.mark.parametrize("algorithm", ["ed25519", "hmac-sha256"])
