@@ -10,6 +10,10 @@ and the process group is built on that store. Before that, each member claims ke
 of its own; a second member with the same rank finds the key taken and is refused with a ConfigError
 instead of wedging the group. The claims stay for the group's life, so a late duplicate is refused too.
 
+Under torchrun (or its elastic agent) the agent already serves that store at MASTER_ADDR:MASTER_PORT
+and hands out the ranks: `GroupSettings.from_environment` reads its variables and the members join the
+agent's store instead, claiming their ranks per restart of the agent (TORCHELASTIC_RESTART_COUNT).
+
 Backends: Gloo on the CPU, NCCL when the learner is on CUDA (`backend="auto"`). On a host whose name does
 not resolve to the interface the others reach, set GLOO_SOCKET_IFNAME (Gloo binds by hostname).
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 import datetime
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -62,6 +66,31 @@ class GroupSettings:
     """How long to wait for the whole group to assemble, and for any collective to complete."""
     backend: Backend = "auto"
     """auto: NCCL when the learner is on CUDA, else Gloo."""
+    agent_store: bool = False
+    """Join the store torchrun's agent serves at master_addr:master_port instead of serving one on rank 0."""
+    generation: int = 0
+    """Which start of the group this is (torchrun's restart count): ranks are claimed once per generation."""
+
+    @classmethod
+    def from_environment(
+        cls, environ: Mapping[str, str], *, timeout_seconds: float = 120.0, backend: Backend = "auto"
+    ) -> GroupSettings:
+        """The settings torchrun (or any torch.distributed launcher) passes: RANK, WORLD_SIZE, MASTER_ADDR,
+        MASTER_PORT; under torchrun's agent also TORCHELASTIC_USE_AGENT_STORE and _RESTART_COUNT."""
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in environ]
+        if missing:
+            raise ConfigError(f"the launcher's environment lacks {missing}: start under torchrun, or set "
+                              f"distributed.rank, world_size, master_addr and master_port")
+        try:
+            return cls(
+                rank=int(environ["RANK"]), world_size=int(environ["WORLD_SIZE"]),
+                master_addr=environ["MASTER_ADDR"], master_port=int(environ["MASTER_PORT"]),
+                timeout_seconds=timeout_seconds, backend=backend,
+                agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+                generation=int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            )
+        except ValueError as e:
+            raise ConfigError(f"the launcher's RANK, WORLD_SIZE or MASTER_PORT is not an integer: {e}") from e
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -75,6 +104,8 @@ class GroupSettings:
             raise ConfigError(f"distributed.master_port must be in 1..65535, not {self.master_port}")
         if not self.timeout_seconds > 0:
             raise ConfigError(f"distributed.timeout_seconds must be > 0, not {self.timeout_seconds}")
+        if self.generation < 0:
+            raise ConfigError(f"distributed.generation must be >= 0, not {self.generation}")
 
     @property
     def endpoint(self) -> str:
@@ -97,27 +128,32 @@ def join_group(settings: GroupSettings, device: torch.device | str = "cpu") -> G
     `device` is where the learner's tensors live (the backend must reach them). Raises ConfigError when
     rank 0's port is taken, a rank is claimed twice, or the group does not assemble within the timeout.
     """
-    store = _open_store(settings)
+    served = _open_store(settings)
+    # Each generation's claims apart: a restarted agent's members must not find their previous selves.
+    store = _generation(served, settings)
     _claim_rank(store, settings)
     _wait_for_everyone(store, settings)
-    backend = resolve_backend(settings.backend, torch.device(device))
+    device = torch.device(device)
+    backend = resolve_backend(settings.backend, device)
+    if backend == "nccl" and device.index is not None:
+        torch.cuda.set_device(device)  # NCCL binds each rank to the current device
     dist.init_process_group(
         backend, store=PrefixStore("process_group", store), rank=settings.rank,
         world_size=settings.world_size, timeout=settings.timeout,
     )
-    return Group(settings, store, backend)
+    return Group(settings, served, backend)
 
 
 def _open_store(settings: GroupSettings) -> TCPStore:
     host, port = settings.master_addr, settings.master_port
-    if settings.rank != 0:
+    if settings.rank != 0 or settings.agent_store:
         try:
             return TCPStore(host, port, is_master=False, timeout=settings.timeout)
         except dist.DistError as e:
             raise ConfigError(
-                f"rank {settings.rank} could not reach rank 0's rendezvous at {settings.endpoint} within "
-                f"{settings.timeout_seconds:g} s: start rank 0, or check distributed.master_addr and "
-                f"master_port ({e})"
+                f"rank {settings.rank} could not reach the rendezvous at {settings.endpoint} within "
+                f"{settings.timeout_seconds:g} s: start rank 0 (or torchrun), or check "
+                f"distributed.master_addr and master_port ({e})"
             ) from e
     try:
         return TCPStore(host, port, is_master=True, timeout=settings.timeout, wait_for_workers=False)
@@ -132,6 +168,10 @@ def _open_store(settings: GroupSettings) -> TCPStore:
         ) from e
 
 
+def _generation(store: TCPStore, settings: GroupSettings) -> PrefixStore:
+    return PrefixStore(f"streamdqn/{settings.generation}", store)
+
+
 def _rank_claimed_at(settings: GroupSettings, rank: int) -> bool:
     """Whether a rendezvous store that answers at the endpoint holds a claim on `rank`."""
     found: list[bool] = []
@@ -142,7 +182,7 @@ def _rank_claimed_at(settings: GroupSettings, rank: int) -> bool:
                 settings.master_addr, settings.master_port, is_master=False,
                 timeout=datetime.timedelta(seconds=_PROBE_SECONDS),
             )
-            found.append(client.check([f"rank-{rank}"]))
+            found.append(_generation(client, settings).check([f"rank-{rank}"]))
         except dist.DistError:
             found.append(False)
 
@@ -153,7 +193,7 @@ def _rank_claimed_at(settings: GroupSettings, rank: int) -> bool:
     return bool(found and found[0])
 
 
-def _claim_rank(store: TCPStore, settings: GroupSettings) -> None:
+def _claim_rank(store: PrefixStore, settings: GroupSettings) -> None:
     token = uuid.uuid4().hex
     # compare_set with an empty expected value sets the key only if it is absent, and returns the value
     # the key holds afterwards: our token exactly when the claim is ours.
@@ -171,7 +211,7 @@ def _doubled(settings: GroupSettings) -> ConfigError:
     )
 
 
-def _wait_for_everyone(store: TCPStore, settings: GroupSettings) -> None:
+def _wait_for_everyone(store: PrefixStore, settings: GroupSettings) -> None:
     keys = [f"rank-{r}" for r in range(settings.world_size)]
     try:
         store.wait(keys, settings.timeout)

@@ -6,8 +6,12 @@ report through a queue; every process is joined, and killed if it outlives the t
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import socket
+import subprocess
+import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +33,8 @@ from streamdqn.stream.features import FEATURE_DIM
 from streamdqn.stream.rows import N_ACTIONS
 
 pytestmark = pytest.mark.timeout(180)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 CTX = mp.get_context("spawn")
 # A worker's whole life, torch import included, on a loaded 2-core machine.
@@ -295,7 +301,7 @@ def test_a_world_that_never_assembles_times_out_naming_the_missing_rank() -> Non
 
 def test_a_member_without_rank_0_times_out_naming_the_rendezvous() -> None:
     port = free_port()
-    with pytest.raises(ConfigError, match=f"rank 1 could not reach rank 0's rendezvous at 127.0.0.1:{port}"):
+    with pytest.raises(ConfigError, match=f"rank 1 could not reach the rendezvous at 127.0.0.1:{port}"):
         join_group(settings_for(1, port, timeout=3))
 
 
@@ -376,3 +382,56 @@ def test_a_rank_whose_learner_settings_differ_from_rank_0s_is_refused() -> None:
         "refused: rank 1's learner settings differ from rank 0's in ['lr']: every rank must learn with the "
         "same [learner] section"
     )
+
+
+# --- under torchrun ------------------------------------------------------------------------------------
+
+
+def torchrun_member() -> None:
+    """What each torchrun worker runs (python -m torch.distributed.run ... -m tests.unit.test_distributed)."""
+    torch.set_num_threads(1)
+    group = join_group(GroupSettings.from_environment(os.environ, timeout_seconds=60))
+    try:
+        learner = DQNLearner(learner_settings(seed=100 + group.rank), FEATURE_DIM, N_ACTIONS,
+                             after_backward=group.average_gradients)
+        share_learner_state(group, learner)
+        for step in range(3):
+            learner.update(local_batch(group.rank, step))
+        sha = hashlib.sha256(b"".join(v.tobytes() for v in weights(learner).values())).hexdigest()
+        print(f"member rank={group.rank} agent_store={group.settings.agent_store} sha256={sha}", flush=True)
+    finally:
+        group.close()
+
+
+def test_members_under_torchrun_join_its_agents_store_and_agree() -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "tests.unit.test_distributed"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=150, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Found anywhere in a line: the two workers share torchrun's stdout.
+    members = sorted(re.findall(r"member rank=(\d+) agent_store=(\w+) sha256=(\w+)", done.stdout))
+    assert [m[:2] for m in members] == [("0", "True"), ("1", "True")], done.stdout + done.stderr[-3000:]
+    assert members[0][2] == members[1][2]
+
+
+def test_settings_from_a_launchers_environment() -> None:
+    environ = {"RANK": "1", "WORLD_SIZE": "3", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29400",
+               "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "2"}
+    assert GroupSettings.from_environment(environ, timeout_seconds=9) == GroupSettings(
+        rank=1, world_size=3, master_addr="10.0.0.5", master_port=29400, timeout_seconds=9, agent_store=True,
+        generation=2,
+    )
+    plain = GroupSettings.from_environment({k: environ[k] for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                                    "MASTER_PORT")})
+    assert (plain.agent_store, plain.generation) == (False, 0)
+    with pytest.raises(ConfigError, match=r"lacks \['MASTER_PORT'\]"):
+        GroupSettings.from_environment({k: environ[k] for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR")})
+    with pytest.raises(ConfigError, match="not an integer"):
+        GroupSettings.from_environment({**environ, "RANK": "one"})
+
+
+if __name__ == "__main__":
+    torchrun_member()
