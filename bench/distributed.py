@@ -3,17 +3,22 @@
 Every candidate runs in spawned processes with one torch thread each: DQNLearner.update(ReplayBuffer
 .sample(64)) on the default 30-256-256-5 MLP over a replay shard of random rows of its own.
 
-    1 process   a plain learner, no group: the baseline
-    2 ranks     two learners in one group (streamdqn.learning.distributed), every update all-reduces
-                the gradients (one flattened bucket) through the learner's after_backward hook
+    1 process               a plain learner, no group: the baseline
+    2 processes, no group   two plain learners side by side: what sharing the cores alone costs
+    2 ranks                 two learners in one group (streamdqn.learning.distributed): every update
+                            all-reduces the gradients (one flattened bucket) in the after_backward hook
 
 Each rank does the same number of updates (the collectives keep them in step). Reported: updates/s
 per rank, aggregate samples/s over the ranks, both as ratios to 1 process; the hook's time per update
 (the all-reduce plus waiting for the slower rank); and a bare all-reduce of the same bucket, back to
 back, for the communication cost alone. At the end the ranks' weight hashes must agree.
 
-On a 2-core machine two ranks share the cores with each other (and with Gloo's own I/O threads), so
-aggregate throughput can hardly exceed 1 process: read the all-reduce cost, not the scaling.
+On a 2-core machine 2 ranks cannot scale much, but "2 processes, no group" shows that the cores are
+not what limits them: measured quiet on 2 cores (2026-12-02), two plain processes ran at 2.0x one,
+while 2 ranks reached 0.33x per rank, 0.67x aggregate. Gloo's all-reduce here costs ~1.2-1.6 ms
+whatever the size (1 KiB as much as 293 KiB; a raw TCP round trip on the same loopback is ~70 us), and
+an update of this MLP at batch 64 takes ~1.3 ms: the collective's latency, not bandwidth or compute,
+sets the rate. Larger batches per rank amortize it; so would NCCL on GPUs (not measured here).
 
     python bench/distributed.py [--smoke]
 The last line is one JSON object.
@@ -67,11 +72,11 @@ def weights_sha256(learner: DQNLearner) -> str:
     return digest.hexdigest()[:16]
 
 
-def _rank(rank: int, world_size: int, port: int, sizes: dict[str, int], results: Any) -> None:
-    """One rank (or the lone process when world_size is 1): timed updates, then a bare all-reduce loop."""
+def _rank(rank: int, world_size: int, grouped: bool, port: int, sizes: dict[str, int], results: Any) -> None:
+    """One rank (or a process on its own when not grouped): timed updates, then a bare all-reduce loop."""
     torch.set_num_threads(1)
     group = None
-    if world_size > 1:
+    if grouped:
         group = join_group(GroupSettings(rank=rank, world_size=world_size, master_port=port))
     hook_seconds = [0.0]
 
@@ -114,11 +119,11 @@ def _rank(rank: int, world_size: int, port: int, sizes: dict[str, int], results:
             group.close()
 
 
-def run_world(world_size: int, sizes: dict[str, int]) -> list[dict[str, Any]]:
+def run_world(world_size: int, grouped: bool, sizes: dict[str, int]) -> list[dict[str, Any]]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world_size, port, sizes, results), daemon=True)
+    procs = [ctx.Process(target=_rank, args=(r, world_size, grouped, port, sizes, results), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -133,45 +138,56 @@ def run_world(world_size: int, sizes: dict[str, int]) -> list[dict[str, Any]]:
     return [out[r] for r in range(world_size)]
 
 
+# name: (processes, in one group)
+CANDIDATES = {
+    "1 process": (1, False), "2 processes, no group": (2, False), "2 ranks (Gloo, loopback)": (2, True),
+}
+
+
 def run(smoke: bool) -> dict[str, Any]:
     sizes = SIZES["smoke" if smoke else "full"]
-    rounds: dict[int, list[list[dict[str, Any]]]] = {1: [], 2: []}
+    rounds: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in CANDIDATES}
     for r in range(sizes["rounds"]):
-        for world_size in ((1, 2) if r % 2 == 0 else (2, 1)):
-            rounds[world_size].append(run_world(world_size, sizes))
+        for name in (list(CANDIDATES) if r % 2 == 0 else list(reversed(CANDIDATES))):
+            rounds[name].append(run_world(*CANDIDATES[name], sizes))
 
-    def median(world_size: int, key: str, rank: int | None = None) -> float:
-        per_round = [float(rs[rank][key]) if rank is not None else statistics.mean(float(x[key]) for x in rs)
-                     for rs in rounds[world_size]]
-        return statistics.median(per_round)
+    def median(name: str, key: str) -> float:
+        """The median over rounds of the mean over a round's processes."""
+        return statistics.median(statistics.mean(float(x[key]) for x in rs) for rs in rounds[name])
 
-    one = median(1, "updates_per_s", 0)
-    per_rank = median(2, "updates_per_s")
-    aggregate = 2 * per_rank * BATCH
-    hashes = {x["sha256"] for x in rounds[2][-1]}
-    hook_us = median(2, "hook_us_per_update")
-    allreduce_us = median(2, "allreduce_us")
+    one = median("1 process", "updates_per_s")
+    rows = []
+    for name, (n, _) in CANDIDATES.items():
+        each = median(name, "updates_per_s")
+        rows.append([name, each, ratio(each, one), n * each * BATCH, ratio(n * each, one)])
+    grouped = "2 ranks (Gloo, loopback)"
+    per_rank = median(grouped, "updates_per_s")
+    alone_together = median("2 processes, no group", "updates_per_s")
+    hashes = {x["sha256"] for x in rounds[grouped][-1]}
+    hook_us = median(grouped, "hook_us_per_update")
+    allreduce_us = median(grouped, "allreduce_us")
     params = sum(p.numel() for p in DQNLearner(
         LearnerSettings(hidden=HIDDEN, device="cpu"), FEATURE_DIM, N_ACTIONS).online.parameters())
-    table(["candidate", "updates/s per rank", "x 1 process", "samples/s (all ranks)", "x 1 process"], [
-        ["1 process", one, 1.0, one * BATCH, 1.0],
-        ["2 ranks (Gloo, loopback)", per_rank, ratio(per_rank, one), aggregate,
-         ratio(aggregate, one * BATCH)],
-    ], title=f"batch {BATCH}, MLP 30-{'-'.join(map(str, HIDDEN))}-5, 1 torch thread per rank, "
-             f"{sizes['updates']} updates per rank, median of {sizes['rounds']} round(s)")
+    table(["candidate", "updates/s per process", "x 1 process", "samples/s (all)", "x 1 process"], rows,
+          title=f"batch {BATCH}, MLP 30-{'-'.join(map(str, HIDDEN))}-5, 1 torch thread per process, "
+                f"{sizes['updates']} updates each, median of {sizes['rounds']} round(s)")
     table(["cost", "us"], [
         ["after_backward hook per update (all-reduce + waiting for the other rank)", hook_us],
         [f"bare all-reduce of the {params:,}-float bucket ({4 * params / 1024:.0f} KiB), back to back",
          allreduce_us],
         ["one update of 1 process", 1e6 / one],
+        ["one update of 2 processes sharing the machine, no group", 1e6 / alone_together],
+        ["one update of a rank of 2", 1e6 / per_rank],
     ], title="all-reduce cost")
     print(f"\n  weights agree across the 2 ranks: {len(hashes) == 1} ({', '.join(sorted(hashes))})")
     return {
         "bench": "distributed", "smoke": smoke, "batch": BATCH, "hidden": list(HIDDEN), "parameters": params,
-        "updates_per_s": {"one_process": one, "per_rank_2": per_rank},
-        "per_rank_ratio": ratio(per_rank, one), "aggregate_samples_ratio": ratio(aggregate, one * BATCH),
+        "updates_per_s": {
+            "one_process": one, "two_processes_no_group": alone_together, "per_rank_2": per_rank,
+        },
+        "per_rank_ratio": ratio(per_rank, one), "aggregate_samples_ratio": ratio(2 * per_rank, one),
         "hook_us_per_update": hook_us, "allreduce_us": allreduce_us, "weights_agree": len(hashes) == 1,
-        "rounds": {str(k): v for k, v in rounds.items()},
+        "rounds": rounds,
     }
 
 
