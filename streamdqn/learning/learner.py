@@ -7,6 +7,7 @@ lets it run as a thread or in its own process over shared-memory replay (see str
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -79,15 +80,23 @@ class DQNLearner:
     the same update, launched as one graph. That is why everything an update reads is changed in place.
     """
 
-    def __init__(self, settings: LearnerSettings, obs_dim: int, n_actions: int, clip: float = 10.0) -> None:
+    def __init__(
+        self, settings: LearnerSettings, obs_dim: int, n_actions: int, clip: float = 10.0,
+        after_backward: Callable[[torch.nn.Module], None] | None = None,
+    ) -> None:
+        """`after_backward(online)` runs in every update between the backward pass and gradient clipping:
+        where a data-parallel group averages the gradients (streamdqn.learning.distributed)."""
         self.settings = settings
+        self.after_backward = after_backward
         self.device = resolve_device(settings.device)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         self.online = QNetwork(obs_dim, n_actions, settings.hidden, clip, dueling=settings.dueling)
         self.online.to(self.device)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
-        graphed = settings.cuda_graph and self.device.type == "cuda"
+        # A hook runs inside the step, and a collective (or any Python) in it cannot be captured into a
+        # CUDA graph: with a hook every update runs eagerly.
+        graphed = settings.cuda_graph and self.device.type == "cuda" and after_backward is None
         self.optimizer = _optimizer(self.online, settings, self.device, capturable=graphed)
         self.graphed_step = GraphedStep(self._step, self.device) if graphed else None
         self.counters = LearnerCounters()
@@ -112,6 +121,8 @@ class DQNLearner:
         self.optimizer.zero_grad(set_to_none=True)
         loss, td_abs, q_max = row_loss(self.online, self.target, batch, s.gamma, s.double_dqn)
         loss.backward()
+        if self.after_backward is not None:
+            self.after_backward(self.online)
         torch.nn.utils.clip_grad_norm_(self.online.parameters(), s.grad_clip)
         self.optimizer.step()
         return torch.cat([torch.stack([loss.detach(), td_abs.mean(), q_max.mean()]), td_abs])

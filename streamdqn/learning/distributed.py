@@ -1,0 +1,340 @@
+"""Data-parallel learners: join a torch.distributed group, average gradients, start from rank 0's weights.
+
+Each member (a rank) trains on its own replay shard. After every backward pass the group all-reduces the
+gradients (`Group.average_gradients`, given to DQNLearner as `after_backward`), so every rank takes the
+same optimizer step and the weights stay identical. Rank 0 hosts the rendezvous, publishes, and is where
+the others get their weights (and optimizer state) at start and after a restore (`share_learner_state`).
+
+Rendezvous: rank 0 serves a TCPStore on master_addr:master_port (what a `tcp://` init method would make),
+and the process group is built on that store. Before that, each member claims key `rank-<r>` with a token
+of its own; a second member with the same rank finds the key taken and is refused with a ConfigError
+instead of wedging the group. The claims stay for the group's life, so a late duplicate is refused too.
+
+Under torchrun (or its elastic agent) the agent already serves that store at MASTER_ADDR:MASTER_PORT
+and hands out the ranks: `GroupSettings.from_environment` reads its variables and the members join the
+agent's store instead, claiming their ranks per restart of the agent (TORCHELASTIC_RESTART_COUNT).
+
+Backends: Gloo on the CPU, NCCL when the learner is on CUDA (`backend="auto"`). On a host whose name does
+not resolve to the interface the others reach, set GLOO_SOCKET_IFNAME (Gloo binds by hostname).
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch.distributed import TCPStore  # type: ignore[attr-defined]  # re-exported from torch._C, no __all__
+from torch.distributed.distributed_c10d import PrefixStore
+
+from streamdqn.errors import ConfigError, StreamDQNError
+from streamdqn.learning.learner import DQNLearner
+
+Backend = Literal["auto", "gloo", "nccl"]
+
+# How long a rank 0 that cannot bind its port looks for another rank 0's store there: a store answers at
+# once, and a client of something else that accepts and never answers would wait forever.
+_PROBE_SECONDS = 2.0
+# Settings that may differ between ranks: where each one computes, and its seed (the initial weights are
+# rank 0's anyway; sampling may well differ).
+_LOCAL_SETTINGS = ("device", "cuda_graph", "seed")
+
+
+class GroupError(StreamDQNError):
+    """A collective failed: a member died, hung or left. The group is unusable; restart every rank."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupSettings:
+    """Where a member stands in its group and how to reach rank 0."""
+
+    rank: int
+    """This member's rank, 0..world_size-1; rank 0 hosts the rendezvous and publishes."""
+    world_size: int
+    """How many members the group has."""
+    master_addr: str = "127.0.0.1"
+    """Rank 0's address, as every member reaches it (loopback: all members on this host)."""
+    master_port: int
+    """The TCP port of rank 0's rendezvous store."""
+    timeout_seconds: float = 120.0
+    """How long to wait for the whole group to assemble, and for any collective to complete."""
+    backend: Backend = "auto"
+    """auto: NCCL when the learner is on CUDA, else Gloo."""
+    agent_store: bool = False
+    """Join the store torchrun's agent serves at master_addr:master_port instead of serving one on rank 0."""
+    generation: int = 0
+    """Which start of the group this is (torchrun's restart count): ranks are claimed once per generation."""
+
+    @classmethod
+    def from_environment(
+        cls, environ: Mapping[str, str], *, timeout_seconds: float = 120.0, backend: Backend = "auto"
+    ) -> GroupSettings:
+        """The settings torchrun (or any torch.distributed launcher) passes: RANK, WORLD_SIZE, MASTER_ADDR,
+        MASTER_PORT; under torchrun's agent also TORCHELASTIC_USE_AGENT_STORE and _RESTART_COUNT."""
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in environ]
+        if missing:
+            raise ConfigError(f"the launcher's environment lacks {missing}: start under torchrun, or set "
+                              f"distributed.rank, world_size, master_addr and master_port")
+        try:
+            return cls(
+                rank=int(environ["RANK"]), world_size=int(environ["WORLD_SIZE"]),
+                master_addr=environ["MASTER_ADDR"], master_port=int(environ["MASTER_PORT"]),
+                timeout_seconds=timeout_seconds, backend=backend,
+                agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+                generation=int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            )
+        except ValueError as e:
+            raise ConfigError(f"the launcher's RANK, WORLD_SIZE or MASTER_PORT is not an integer: {e}") from e
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ConfigError(f"distributed.world_size must be >= 1, not {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ConfigError(
+                f"distributed.rank must be in 0..{self.world_size - 1} (world_size {self.world_size}), "
+                f"not {self.rank}"
+            )
+        if not 1 <= self.master_port <= 65535:
+            raise ConfigError(f"distributed.master_port must be in 1..65535, not {self.master_port}")
+        if not self.timeout_seconds > 0:
+            raise ConfigError(f"distributed.timeout_seconds must be > 0, not {self.timeout_seconds}")
+        if self.generation < 0:
+            raise ConfigError(f"distributed.generation must be >= 0, not {self.generation}")
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.master_addr}:{self.master_port}"
+
+    @property
+    def timeout(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.timeout_seconds)
+
+
+def resolve_backend(backend: Backend, device: torch.device) -> str:
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    return backend
+
+
+def join_group(settings: GroupSettings, device: torch.device | str = "cpu") -> Group:
+    """Join (rank 0: host) the group and return once all world_size members are in it.
+
+    `device` is where the learner's tensors live (the backend must reach them). Raises ConfigError when
+    rank 0's port is taken, a rank is claimed twice, or the group does not assemble within the timeout.
+    """
+    served = _open_store(settings)
+    # Each generation's claims apart: a restarted agent's members must not find their previous selves.
+    store = _generation(served, settings)
+    _claim_rank(store, settings)
+    _wait_for_everyone(store, settings)
+    device = torch.device(device)
+    backend = resolve_backend(settings.backend, device)
+    if backend == "nccl" and device.index is not None:
+        torch.cuda.set_device(device)  # NCCL binds each rank to the current device
+    dist.init_process_group(
+        backend, store=PrefixStore("process_group", store), rank=settings.rank,
+        world_size=settings.world_size, timeout=settings.timeout,
+    )
+    return Group(settings, served, backend)
+
+
+def _open_store(settings: GroupSettings) -> TCPStore:
+    host, port = settings.master_addr, settings.master_port
+    if settings.rank != 0 or settings.agent_store:
+        try:
+            return TCPStore(host, port, is_master=False, timeout=settings.timeout)
+        except dist.DistError as e:
+            raise ConfigError(
+                f"rank {settings.rank} could not reach the rendezvous at {settings.endpoint} within "
+                f"{settings.timeout_seconds:g} s: start rank 0 (or torchrun), or check "
+                f"distributed.master_addr and master_port ({e})"
+            ) from e
+    try:
+        return TCPStore(host, port, is_master=True, timeout=settings.timeout, wait_for_workers=False)
+    except dist.DistNetworkError as e:
+        if "EADDRINUSE" not in str(e):
+            raise ConfigError(f"rank 0 could not serve the rendezvous on {settings.endpoint}: {e}") from e
+        if _rank_claimed_at(settings, 0):
+            raise _doubled(settings) from e
+        raise ConfigError(
+            f"distributed.master_port {port} on {host} is taken by another process: stop it or choose "
+            f"another master_port (the same on every rank)"
+        ) from e
+
+
+def _generation(store: TCPStore, settings: GroupSettings) -> PrefixStore:
+    return PrefixStore(f"streamdqn/{settings.generation}", store)
+
+
+def _rank_claimed_at(settings: GroupSettings, rank: int) -> bool:
+    """Whether a rendezvous store that answers at the endpoint holds a claim on `rank`."""
+    found: list[bool] = []
+
+    def probe() -> None:
+        try:
+            client = TCPStore(
+                settings.master_addr, settings.master_port, is_master=False,
+                timeout=datetime.timedelta(seconds=_PROBE_SECONDS),
+            )
+            found.append(_generation(client, settings).check([f"rank-{rank}"]))
+        except dist.DistError:
+            found.append(False)
+
+    # A thread, because a store client of a server that accepts and never answers blocks for good.
+    thread = threading.Thread(target=probe, name="rendezvous-probe", daemon=True)
+    thread.start()
+    thread.join(_PROBE_SECONDS + 1.0)
+    return bool(found and found[0])
+
+
+def _claim_rank(store: PrefixStore, settings: GroupSettings) -> None:
+    token = uuid.uuid4().hex
+    # compare_set with an empty expected value sets the key only if it is absent, and returns the value
+    # the key holds afterwards: our token exactly when the claim is ours.
+    owner = store.compare_set(f"rank-{settings.rank}", "", token)
+    if owner != token.encode():
+        raise _doubled(settings)
+
+
+def _doubled(settings: GroupSettings) -> ConfigError:
+    return ConfigError(
+        f"rank {settings.rank} is doubled: another member of the group at {settings.endpoint} already "
+        f"claimed it. Give every member a distinct distributed.rank in 0..{settings.world_size - 1}. "
+        f"If that member is this daemon before a restart, its old group ends within "
+        f"{settings.timeout_seconds:g} s (timeout_seconds); start again then."
+    )
+
+
+def _wait_for_everyone(store: PrefixStore, settings: GroupSettings) -> None:
+    keys = [f"rank-{r}" for r in range(settings.world_size)]
+    try:
+        store.wait(keys, settings.timeout)
+    except dist.DistError as e:
+        missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        raise ConfigError(
+            f"the group at {settings.endpoint} did not assemble within {settings.timeout_seconds:g} s: "
+            f"rank(s) {missing} of world_size {settings.world_size} never joined. Start them (same "
+            f"master_addr and master_port), or raise distributed.timeout_seconds"
+        ) from e
+
+
+class Group:
+    """A joined group: gradient averaging and weight broadcasts over the default process group."""
+
+    def __init__(self, settings: GroupSettings, store: TCPStore, backend: str) -> None:
+        self.settings = settings
+        self.backend = backend
+        # Rank 0's store is the rendezvous itself: it lives as long as the group.
+        self._store: TCPStore | None = store
+
+    @property
+    def rank(self) -> int:
+        return self.settings.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.settings.world_size
+
+    @property
+    def is_publisher(self) -> bool:
+        """Rank 0 runs the gate, publishes snapshots and writes the learner's checkpoints."""
+        return self.settings.rank == 0
+
+    @torch.no_grad()
+    def average_gradients(self, module: torch.nn.Module) -> None:
+        """Replace each parameter's gradient with its mean over the ranks: one all-reduce per dtype.
+
+        A parameter with no gradient counts as zeros, so every rank reduces the same layout.
+        """
+        params = [p for p in module.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for bucket, members in _buckets(grads):
+            with self._collective("all_reduce"):
+                dist.all_reduce(bucket, op=dist.ReduceOp.SUM)
+            bucket.div_(self.world_size)
+            _unflatten(bucket, members)
+        for p, g in zip(params, grads, strict=True):
+            if p.grad is None:
+                p.grad = g
+
+    @torch.no_grad()
+    def broadcast_parameters(self, module: torch.nn.Module, src: int = 0) -> None:
+        """Overwrite `module`'s parameters and buffers, in place, with rank `src`'s."""
+        tensors = [*module.parameters(), *module.buffers()]
+        for bucket, members in _buckets(tensors):
+            with self._collective("broadcast"):
+                dist.broadcast(bucket, src=src)
+            _unflatten(bucket, members)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank `src`'s `obj` (picklable), on every rank."""
+        holder = [obj if self.rank == src else None]
+        with self._collective("broadcast_object_list"):
+            dist.broadcast_object_list(holder, src=src)
+        return holder[0]
+
+    def barrier(self) -> None:
+        with self._collective("barrier"):
+            dist.barrier()
+
+    def close(self) -> None:
+        """Leave the group (destroy the process group, stop serving the rendezvous); safe twice."""
+        if self._store is None:
+            return
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        self._store = None
+
+    @contextmanager
+    def _collective(self, name: str) -> Iterator[None]:
+        if self._store is None:
+            raise GroupError(f"{name} on a closed group")
+        try:
+            yield
+        except RuntimeError as e:  # what Gloo and NCCL raise for a dead, hung or departed peer
+            raise GroupError(
+                f"{name} failed on rank {self.rank} of {self.world_size} (a member died, hung past "
+                f"{self.settings.timeout_seconds:g} s or left): restart every rank; they restore their "
+                f"checkpoints and take rank 0's weights again ({e})"
+            ) from e
+
+
+def _buckets(tensors: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Each dtype's tensors as one flat tensor (a copy), with the tensors it was made from."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for members in by_dtype.values():
+        yield torch.cat([t.reshape(-1) for t in members]), members
+
+
+def _unflatten(bucket: torch.Tensor, members: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in members:
+        t.copy_(bucket[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def share_learner_state(group: Group, learner: DQNLearner) -> None:
+    """Make every rank's learner rank 0's: networks, optimizer state and update count.
+
+    Call it on every rank at start and after any rank restores a checkpoint: equal weights are not
+    enough, since Adam's moments decide the next step. Raises ConfigError on a rank whose learning
+    settings differ from rank 0's (their updates would drift apart).
+    """
+    state = group.broadcast_object(learner.state_dict() if group.is_publisher else None)
+    if not group.is_publisher:
+        mine, theirs = learner.settings.as_dict(), state["settings"]
+        differ = sorted(k for k in mine if k not in _LOCAL_SETTINGS and mine[k] != theirs.get(k))
+        if differ:
+            raise ConfigError(
+                f"rank {group.rank}'s learner settings differ from rank 0's in {differ}: every rank must "
+                f"learn with the same [learner] section"
+            )
+        learner.load_state_dict(state)
