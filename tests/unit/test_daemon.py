@@ -265,3 +265,17 @@ def _quiet_torch() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def test_a_lone_daemon_assigned_part_of_its_topic_warns(caplog: pytest.LogCaptureFixture) -> None:
+    from streamdqn.daemon.build import warn_if_sharing
+
+    with caplog.at_level("WARNING", logger="streamdqn.daemon"):
+        assert not warn_if_sharing({0, 1, 2, 3}, 4, TELEMETRY, "g")
+        assert not warn_if_sharing({0}, None, TELEMETRY, "g")  # metadata not known yet
+        assert warn_if_sharing({0, 1}, 4, TELEMETRY, "streamdqn")
+    assert [r.getMessage() for r in caplog.records] == [
+        "only 2 of the 4 partitions of telemetry are assigned to this daemon: another consumer is in group "
+        "'streamdqn'. If a second streamdqn runs with this group id, stop it or give it another "
+        "kafka.group_id; a daemon learns from, checkpoints and publishes only what it is assigned."
+    ]

@@ -32,7 +32,8 @@ from streamdqn.learning.settings import LearnerSettings
 from streamdqn.stream.features import FEATURE_DIM
 from streamdqn.stream.rows import N_ACTIONS
 
-pytestmark = pytest.mark.timeout(180)
+# Spawned processes and real process groups: in the integration lane with the other multi-process tests.
+pytestmark = [pytest.mark.timeout(180), pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parents[2]
 
