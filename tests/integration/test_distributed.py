@@ -389,7 +389,7 @@ def test_a_rank_whose_learner_settings_differ_from_rank_0s_is_refused() -> None:
 
 
 def torchrun_member() -> None:
-    """What each torchrun worker runs (python -m torch.distributed.run ... -m tests.unit.test_distributed)."""
+    """What each torchrun worker runs (python -m torch.distributed.run ... -m tests.integration.test_distributed)."""
     torch.set_num_threads(1)
     group = join_group(GroupSettings.from_environment(os.environ, timeout_seconds=60))
     try:
@@ -408,7 +408,7 @@ def test_members_under_torchrun_join_its_agents_store_and_agree() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "tests.unit.test_distributed"],
+         "-m", "tests.integration.test_distributed"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=150, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
