@@ -389,7 +389,7 @@ def test_a_rank_whose_learner_settings_differ_from_rank_0s_is_refused() -> None:
 
 
 def torchrun_member() -> None:
-    """What each torchrun worker runs (python -m torch.distributed.run ... -m tests.integration.test_distributed)."""
+    """What each torchrun worker runs (torch.distributed.run ... -m tests.integration.test_distributed)."""
     torch.set_num_threads(1)
     group = join_group(GroupSettings.from_environment(os.environ, timeout_seconds=60))
     try:
