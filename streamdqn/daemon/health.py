@@ -54,7 +54,7 @@ class HealthView:
         c = pipeline.counters
         join = pipeline.join.counters if pipeline.join is not None else None
         published = self.publisher.state
-        channels = self.publisher.store.channels()
+        channels = self.rollout.channels
         return MetricsSnapshot(
             events_consumed=c.events_consumed, rejected=dict(c.rejected), dead_lettered=c.dead_lettered,
             transitions=c.transitions, episodes=c.episodes, replay_size=len(self.replay),

@@ -122,6 +122,8 @@ class Rollout:
         self.promoted = 0
         self.demoted = 0
         self.drift = Drift()
+        # What the channels served at the last reading (the metrics show it; no file reads per scrape).
+        self.channels = store.channels()
         self._policy: tuple[int, OnnxPolicy] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -130,7 +132,7 @@ class Rollout:
             await self.step()
 
     async def step(self) -> Decision | None:
-        channels = await asyncio.to_thread(self.store.channels)
+        channels = self.channels = await asyncio.to_thread(self.store.channels)
         traffic = self.recent()  # on the loop, which owns the pipeline
         self.drift = await asyncio.to_thread(self._measure_drift, channels.stable, traffic)
         return await self._judge(channels)
@@ -155,10 +157,12 @@ class Rollout:
             return decision
         try:
             if decision.action == "promote":
-                await asyncio.to_thread(self.store.promote, canary, actor="rollout", reason=decision.reason)
+                self.channels = await asyncio.to_thread(self.store.promote, canary, actor="rollout",
+                                                        reason=decision.reason)
                 self.promoted += 1
             else:
-                await asyncio.to_thread(self.store.demote, actor="rollout", reason=decision.reason)
+                self.channels = await asyncio.to_thread(self.store.demote, actor="rollout",
+                                                        reason=decision.reason)
                 self.demoted += 1
         except SnapshotError as exc:  # an operator changed the channels meanwhile: judge again next time
             log_event("channel change skipped", version=canary, action=decision.action, error=str(exc))
