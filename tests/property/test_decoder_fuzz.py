@@ -82,7 +82,7 @@ def _check(decoded: Decoded, payload: bytes) -> None:
     assert np.isfinite(raw).all()
     assert (raw >= 0).all()
     for e in decoded.events:
-        assert 0.0 <= e.severity <= 1.0
+        assert e.severity is None or 0.0 <= e.severity <= 1.0  # unlabelled events wait for a verdict
         assert (e.reward is None or math.isfinite(e.reward))
         assert e.action is None or 0 <= e.action <= 4
 
