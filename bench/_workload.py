@@ -71,7 +71,7 @@ class Ingest:
         now = time.monotonic()
         if now - self.last_housekeeping > 0.5:  # as the daemon's Ingestor does
             self.last_housekeeping = now
-            self.runner.set_normalization(self.normalizer.mean, self.normalizer.std)
+            self.runner.set_normalization(self.normalizer.mean, self.normalizer.std, self.normalizer.count)
         return events
 
     def full_speed(self, seconds: float) -> float:

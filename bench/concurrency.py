@@ -128,10 +128,10 @@ def measure_mode(
     runner, buffer = make_runner(mode, capacity, prefill=20_000)
     ingest = Ingest(records, buffer, runner)
     ingest.full_speed(min(1.0, seconds))  # warm-up: first-call costs, page faults in the ring
-    runner.note_inserted(0)  # idle until told otherwise
+    runner.note_ingested(0, 0)  # idle until told otherwise
     runner.start()
     try:
-        runner.note_inserted(RUNNING)
+        runner.note_ingested(RUNNING, 0)
         deadline = time.monotonic() + 120
         while updates(runner) < 20:  # a process has to spawn and import torch first
             if time.monotonic() > deadline or not runner.alive():
@@ -151,12 +151,12 @@ def measure_mode(
             order = ("alone", "both") if r % 2 == 0 else ("both", "alone")
             for what in order:
                 if what == "alone":
-                    runner.note_inserted(0)
+                    runner.note_ingested(0, 0)
                     time.sleep(0.05)  # let an update in flight finish
                     with Window(runner) as w:
                         samples["ingest_alone"].append(ingest.full_speed(seconds))
                     cores["ingest_alone"].append(w.ingest_cores)
-                    runner.note_inserted(RUNNING)
+                    runner.note_ingested(RUNNING, 0)
                     with Window(runner) as w:
                         time.sleep(seconds)
                     samples["learner_alone"].append(w.updates_per_s)

@@ -5,8 +5,10 @@ Every candidate runs in spawned processes with one torch thread each: DQNLearner
 
     1 process               a plain learner, no group: the baseline
     2 processes, no group   two plain learners side by side: what sharing the cores alone costs
-    2 ranks                 two learners in one group (streamdqn.learning.distributed): every update
-                            all-reduces the gradients (one flattened bucket) in the after_backward hook
+    2 ranks                 two learners in one group (streamdqn.learning.distributed), each iteration
+                            as the daemon's learner does it: a step together (one small all-reduce that
+                            agrees to update and sums the counts), then an update that all-reduces the
+                            gradients (one flattened bucket) in the after_backward hook
 
 Each rank does the same number of updates (the collectives keep them in step). Reported: updates/s
 per rank, aggregate samples/s over the ranks, both as ratios to 1 process; the hook's time per update
@@ -39,7 +41,7 @@ import torch.multiprocessing as mp
 from _common import emit, header, ratio, table
 
 from streamdqn.kafka.broker import free_port
-from streamdqn.learning.distributed import GroupSettings, join_group
+from streamdqn.learning.distributed import GroupSettings, LocalProgress, join_group
 from streamdqn.learning.learner import DQNLearner
 from streamdqn.learning.replay.buffer import ReplayBuffer
 from streamdqn.learning.settings import LearnerSettings
@@ -99,12 +101,21 @@ def _rank(rank: int, world_size: int, grouped: bool, port: int, sizes: dict[str,
         if group is not None:
             group.barrier()
         hook_seconds[0] = 0.0
+        local = LocalProgress(ready=True, leaving=False, events=0, transitions=sizes["rows"],
+                              normalizer_count=1.0, normalizer_version=0, mean=np.zeros(FEATURE_DIM),
+                              std=np.ones(FEATURE_DIM))
+        step_seconds = 0.0
         start = time.perf_counter()
         for _ in range(sizes["updates"]):
+            if group is not None:  # as the daemon's learner: agree to update, then update
+                begun = time.perf_counter()
+                group.step_together(local)
+                step_seconds += time.perf_counter() - begun
             learner.update(buffer.sample(BATCH))
         elapsed = time.perf_counter() - start
         out = {"updates_per_s": sizes["updates"] / elapsed,
                "hook_us_per_update": 1e6 * hook_seconds[0] / sizes["updates"],
+               "step_us_per_update": 1e6 * step_seconds / sizes["updates"],
                "sha256": weights_sha256(learner)}
         if group is not None:
             bucket = torch.cat([p.detach().reshape(-1) for p in learner.online.parameters()])
@@ -165,6 +176,7 @@ def run(smoke: bool) -> dict[str, Any]:
     alone_together = median("2 processes, no group", "updates_per_s")
     hashes = {x["sha256"] for x in rounds[grouped][-1]}
     hook_us = median(grouped, "hook_us_per_update")
+    step_us = median(grouped, "step_us_per_update")
     allreduce_us = median(grouped, "allreduce_us")
     params = sum(p.numel() for p in DQNLearner(
         LearnerSettings(hidden=HIDDEN, device="cpu"), FEATURE_DIM, N_ACTIONS).online.parameters())
@@ -172,6 +184,7 @@ def run(smoke: bool) -> dict[str, Any]:
           title=f"batch {BATCH}, MLP 30-{'-'.join(map(str, HIDDEN))}-5, 1 torch thread per process, "
                 f"{sizes['updates']} updates each, median of {sizes['rounds']} round(s)")
     table(["cost", "us"], [
+        ["step together per update (small all-reduce: ready? counts, normalizer)", step_us],
         ["after_backward hook per update (all-reduce + waiting for the other rank)", hook_us],
         [f"bare all-reduce of the {params:,}-float bucket ({4 * params / 1024:.0f} KiB), back to back",
          allreduce_us],
@@ -186,7 +199,8 @@ def run(smoke: bool) -> dict[str, Any]:
             "one_process": one, "two_processes_no_group": alone_together, "per_rank_2": per_rank,
         },
         "per_rank_ratio": ratio(per_rank, one), "aggregate_samples_ratio": ratio(2 * per_rank, one),
-        "hook_us_per_update": hook_us, "allreduce_us": allreduce_us, "weights_agree": len(hashes) == 1,
+        "step_us_per_update": step_us, "hook_us_per_update": hook_us, "allreduce_us": allreduce_us,
+        "weights_agree": len(hashes) == 1,
         "rounds": rounds,
     }
 

@@ -160,11 +160,11 @@ def bench_ingest(device: torch.device, seconds: float, n_records: int) -> dict[s
     )
     ingest = Ingest(records, buffer, runner)
     ingest.full_speed(min(1.0, seconds))
-    runner.note_inserted(0)
+    runner.note_ingested(0, 0)
     runner.start()
     try:
         out = {"ingest alone ev/s": ingest.full_speed(seconds)}
-        runner.note_inserted(10**15)
+        runner.note_ingested(10**15, 0)
         time.sleep(0.5)
         before, started = runner.stats().updates, time.perf_counter()
         time.sleep(seconds)

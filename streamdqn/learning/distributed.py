@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed import TCPStore  # type: ignore[attr-defined]  # re-exported from torch._C, no __all__
@@ -224,6 +225,37 @@ def _wait_for_everyone(store: PrefixStore, settings: GroupSettings) -> None:
         ) from e
 
 
+NORMALIZER_EPS = 1e-8  # as RunningNormalizer's
+
+
+@dataclass(frozen=True)
+class LocalProgress:
+    """What one rank brings to `Group.step_together`."""
+
+    ready: bool  # its replay and replay ratio allow an update now
+    leaving: bool  # it is stopping: the others stop learning too instead of waiting out the timeout
+    events: int  # events it has consumed (its checkpointed count)
+    transitions: int  # replay rows it has inserted
+    normalizer_count: float
+    normalizer_version: int  # bumped whenever its statistics change
+    mean: np.ndarray
+    std: np.ndarray
+
+
+@dataclass(frozen=True)
+class GroupProgress:
+    """The group's answer: the sums over ranks and the pooled normalizer (every rank gets the same)."""
+
+    all_ready: bool
+    leaving: int
+    events: int
+    transitions: int
+    normalizer_count: float
+    normalizer_version: float  # changes whenever any rank's statistics changed
+    mean: np.ndarray
+    std: np.ndarray
+
+
 class Group:
     """A joined group: gradient averaging and weight broadcasts over the default process group."""
 
@@ -278,6 +310,30 @@ class Group:
         with self._collective("broadcast_object_list"):
             dist.broadcast_object_list(holder, src=src)
         return holder[0]
+
+    def step_together(self, local: LocalProgress) -> GroupProgress:
+        """The top of every learner iteration, on every rank: one all-reduce that says whether all ranks
+        can update now (so that they run the update's collectives together or not at all), whether one
+        is leaving, and the group's summed counts and pooled normalizer statistics."""
+        n = local.normalizer_count
+        mean = torch.as_tensor(local.mean, dtype=torch.float64)
+        var = torch.as_tensor(local.std, dtype=torch.float64) ** 2
+        head = torch.tensor([float(not local.ready), float(local.leaving), float(local.events),
+                             float(local.transitions), n, float(local.normalizer_version)],
+                            dtype=torch.float64)
+        vector = torch.cat([head, n * mean, n * (var + mean**2)])
+        with self._collective("all_reduce"):
+            dist.all_reduce(vector, op=dist.ReduceOp.SUM)
+        dim = len(mean)
+        total = float(vector[4])
+        pooled_mean = vector[6:6 + dim] / total if total > 0 else torch.zeros(dim, dtype=torch.float64)
+        pooled_var = (vector[6 + dim:] / total - pooled_mean**2 if total > 1
+                      else torch.ones(dim, dtype=torch.float64))
+        return GroupProgress(
+            all_ready=float(vector[0]) == 0, leaving=int(vector[1]), events=int(vector[2]),
+            transitions=int(vector[3]), normalizer_count=total, normalizer_version=float(vector[5]),
+            mean=pooled_mean.numpy(), std=torch.sqrt(pooled_var.clamp_min(0) + NORMALIZER_EPS).numpy(),
+        )
 
     def barrier(self) -> None:
         with self._collective("barrier"):

@@ -22,16 +22,33 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from streamdqn.errors import ConfigError
+from streamdqn.learning.distributed import (
+    Group,
+    GroupError,
+    GroupProgress,
+    GroupSettings,
+    LocalProgress,
+    join_group,
+    share_learner_state,
+)
 from streamdqn.learning.learner import DQNLearner, update_from
 from streamdqn.learning.replay.buffer import ReplayBuffer
 from streamdqn.learning.settings import LearnerSettings
 
 log = logging.getLogger(__name__)
 
-# Layout of the shared control vector (float64).
+# Layout of the shared control vector (float64). The _GROUP_ slots hold the sums over a data-parallel
+# group's ranks (streamdqn.learning.distributed), refreshed by the learner at every step together.
 (_INSERTED, _STOP, _UPDATES, _LOSS, _TD, _QMAX, _HEARTBEAT, _WEIGHTS_VERSION, _NORM_VERSION,
- _FAILED) = range(10)
-_CONTROL_LEN = 10
+ _FAILED, _EVENTS, _NORM_COUNT, _GROUP_EVENTS, _GROUP_TRANSITIONS, _GROUP_NORM_COUNT,
+ _GROUP_STEPS) = range(16)
+_CONTROL_LEN = 16
+# What _FAILED holds once the learner has stopped on an error.
+_FAILED_ERROR, _FAILED_GROUP = 1.0, 2.0
+# How long a learner of a group waits before asking its peers again when one of them cannot update yet:
+# every ask is a collective, and a group idles often (the replay ratio is reached on some rank).
+_GROUP_IDLE_SECONDS = 0.01
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,7 @@ class RunnerOptions:
     torch_threads: int = 1
     feature_clip: float = 10.0
     nice: int = 0  # niceness added to a learner process
+    group: GroupSettings | None = None  # a data-parallel group to join; None: learn alone
 
 
 class LearnerStats(NamedTuple):
@@ -55,13 +73,24 @@ class LearnerStats(NamedTuple):
     weights_version: int
 
 
+class GroupCounts(NamedTuple):
+    """A group's sums over its ranks, as of the learners' last step together."""
+
+    events: int
+    transitions: int
+    normalizer_count: float
+    steps: int  # steps together so far (0: the group has not assembled yet)
+
+
 class LearnerRunner(Protocol):
     def start(self) -> None: ...
     def stop(self, timeout: float = 10.0) -> None: ...
     def alive(self) -> bool: ...
+    def left_group(self) -> bool: ...
     def stats(self) -> LearnerStats: ...
-    def note_inserted(self, total: int) -> None: ...
-    def set_normalization(self, mean: np.ndarray, std: np.ndarray) -> None: ...
+    def group_counts(self) -> GroupCounts: ...
+    def note_ingested(self, transitions: int, events: int) -> None: ...
+    def set_normalization(self, mean: np.ndarray, std: np.ndarray, count: float) -> None: ...
     def weights(self) -> tuple[dict[str, torch.Tensor], int]: ...
     def learner_state(self) -> dict[str, Any]: ...
 
@@ -97,12 +126,16 @@ def _learn(
     requests: Connection | None,
     state_lock: threading.Lock,
     orphaned: Callable[[], bool] = lambda: False,
+    group: Group | None = None,
 ) -> None:
-    """The update loop, identical in a thread and in a process."""
+    """The update loop, identical in a thread and in a process, alone or in a group."""
     c = shared.control
     norm_version = -1.0
     last_beat = 0.0
-    while c[_STOP] == 0:
+    while True:
+        leaving = bool(c[_STOP] != 0)
+        if leaving and group is None:
+            return
         now = time.time()
         if now - last_beat > 0.25:
             last_beat = c[_HEARTBEAT] = now
@@ -116,20 +149,87 @@ def _learn(
         updates = learner.counters.updates
         budget_left = (options.updates_per_transition <= 0
                        or updates < options.updates_per_transition * c[_INSERTED])
-        if len(buffer) < options.min_size or not budget_left:
-            time.sleep(0.002)
+        ready = bool(len(buffer) >= options.min_size and budget_left)
+        pooled: GroupProgress | None = None
+        version = float(c[_NORM_VERSION])
+        if group is not None:
+            together = group.step_together(_local_progress(shared, options.obs_dim, ready, leaving))
+            _record(c, together)
+            if leaving:
+                return
+            if together.leaving:
+                raise GroupError(f"{together.leaving} rank(s) of the group stopped: the group cannot "
+                                 f"update without them; restart every rank")
+            ready, version, pooled = together.all_ready, together.normalizer_version, together
+        if not ready:
+            time.sleep(0.002 if group is None else _GROUP_IDLE_SECONDS)
             continue
-        if c[_NORM_VERSION] != norm_version:
-            norm_version = float(c[_NORM_VERSION])
-            norm = shared.norm.clone()
-            learner.set_normalization(norm[: options.obs_dim].numpy(), norm[options.obs_dim :].numpy(),
-                                      options.feature_clip)
+        if version != norm_version:
+            norm_version = version
+            if pooled is None:
+                norm = shared.norm.clone()
+                learner.set_normalization(norm[: options.obs_dim].numpy(), norm[options.obs_dim :].numpy(),
+                                          options.feature_clip)
+            else:  # every rank normalizes with the whole group's statistics: one network, one input scale
+                learner.set_normalization(pooled.mean, pooled.std, options.feature_clip)
         with state_lock:
             stats = update_from(learner, buffer)
         c[_UPDATES] = learner.counters.updates
         c[_LOSS], c[_TD], c[_QMAX] = stats
         if learner.counters.updates % options.publish_every_updates == 0:
             _publish_weights(learner, shared, lock)
+
+
+def _local_progress(shared: SharedState, obs_dim: int, ready: bool, leaving: bool) -> LocalProgress:
+    c, norm = shared.control, shared.norm.clone().double()
+    return LocalProgress(ready=ready, leaving=leaving, events=int(c[_EVENTS]), transitions=int(c[_INSERTED]),
+                         normalizer_count=float(c[_NORM_COUNT]), normalizer_version=int(c[_NORM_VERSION]),
+                         mean=norm[:obs_dim].numpy(), std=norm[obs_dim:].numpy())
+
+
+def _record(c: torch.Tensor, together: GroupProgress) -> None:
+    c[_GROUP_EVENTS], c[_GROUP_TRANSITIONS] = together.events, together.transitions
+    c[_GROUP_NORM_COUNT] = together.normalizer_count
+    c[_GROUP_STEPS] += 1
+
+
+def _join(learner: DQNLearner, settings: GroupSettings) -> Group:
+    """Join the group and take rank 0's learner (weights, optimizer, update count)."""
+    group = join_group(settings, learner.device)
+    try:
+        share_learner_state(group, learner)
+    except BaseException:
+        group.close()
+        raise
+    learner.after_backward = group.average_gradients
+    return group
+
+
+def _learn_in(
+    learner: DQNLearner, buffer: ReplayBuffer, shared: SharedState, lock: Any, options: RunnerOptions,
+    requests: Connection | None, state_lock: threading.Lock, orphaned: Callable[[], bool] = lambda: False,
+) -> None:
+    """_learn, in the group of `options` when there is one; a failure to join or of the group is marked
+    as such in the control vector (the daemon exits with its own code for it)."""
+    if options.group is None:
+        _learn(learner, buffer, shared, lock, options, requests, state_lock, orphaned)
+        return
+    try:
+        group = _join(learner, options.group)
+    except (ConfigError, GroupError) as e:
+        shared.control[_FAILED] = _FAILED_GROUP
+        log.error("the learner could not join its group: %s", e)
+        raise
+    shared.control[_UPDATES] = learner.counters.updates
+    _publish_weights(learner, shared, lock)
+    try:
+        _learn(learner, buffer, shared, lock, options, requests, state_lock, orphaned, group)
+    except GroupError as e:
+        shared.control[_FAILED] = _FAILED_GROUP
+        log.error("the learner left its group: %s", e)
+        raise
+    finally:
+        group.close()
 
 
 def _clone(value: Any) -> Any:
@@ -159,13 +259,24 @@ class _RunnerBase:
         return LearnerStats(int(c[_UPDATES]), c[_LOSS], c[_TD], c[_QMAX], c[_HEARTBEAT],
                             int(c[_WEIGHTS_VERSION]))
 
-    def note_inserted(self, total: int) -> None:
-        self._shared.control[_INSERTED] = float(total)
+    def group_counts(self) -> GroupCounts:
+        c = self._shared.control.tolist()
+        return GroupCounts(int(c[_GROUP_EVENTS]), int(c[_GROUP_TRANSITIONS]), c[_GROUP_NORM_COUNT],
+                           int(c[_GROUP_STEPS]))
 
-    def set_normalization(self, mean: np.ndarray, std: np.ndarray) -> None:
+    def left_group(self) -> bool:
+        """Whether the learner stopped because it could not join its group or the group failed."""
+        return bool(self._shared.control[_FAILED] == _FAILED_GROUP)
+
+    def note_ingested(self, transitions: int, events: int) -> None:
+        self._shared.control[_INSERTED] = float(transitions)
+        self._shared.control[_EVENTS] = float(events)
+
+    def set_normalization(self, mean: np.ndarray, std: np.ndarray, count: float) -> None:
         n = len(mean)
         self._shared.norm[:n] = torch.as_tensor(mean, dtype=torch.float32)
         self._shared.norm[n:] = torch.as_tensor(std, dtype=torch.float32)
+        self._shared.control[_NORM_COUNT] = float(count)
         self._shared.control[_NORM_VERSION] += 1
 
     def weights(self) -> tuple[dict[str, torch.Tensor], int]:
@@ -198,10 +309,12 @@ class ThreadRunner(_RunnerBase):
 
     def _run(self) -> None:
         try:
-            _learn(self.learner, self.buffer, self._shared, self._lock, self.options, None, self._state_lock)
+            _learn_in(self.learner, self.buffer, self._shared, self._lock, self.options, None,
+                      self._state_lock)
         except BaseException as exc:
             self._error = exc
-            self._shared.control[_FAILED] = 1
+            if self._shared.control[_FAILED] == 0:
+                self._shared.control[_FAILED] = _FAILED_ERROR
             log.exception("learner thread failed")
 
     def alive(self) -> bool:
@@ -240,10 +353,11 @@ def _process_main(
         learner.load_state_dict(state)
     try:
         # If the daemon was SIGKILLed nobody will stop us: notice being orphaned and exit.
-        _learn(learner, buffer, shared, lock, options, requests, threading.Lock(),
-               lambda: os.getppid() != parent)
+        _learn_in(learner, buffer, shared, lock, options, requests, threading.Lock(),
+                  lambda: os.getppid() != parent)
     except BaseException:
-        shared.control[_FAILED] = 1
+        if shared.control[_FAILED] == 0:
+            shared.control[_FAILED] = _FAILED_ERROR
         raise
     finally:
         shared.control[_HEARTBEAT] = 0

@@ -189,6 +189,32 @@ def _mismatched(rank: int, port: int, results: Any) -> None:
     _reporting(results, rank, body)
 
 
+def _steps_together(rank: int, port: int, rows: Any, results: Any) -> None:
+    """Rank r's normalizer saw `rows[r]`; three steps: r1 not ready, both ready, r0 leaving."""
+    def body() -> list[dict[str, Any]]:
+        from streamdqn.learning.distributed import LocalProgress
+        from streamdqn.stream.features import RunningNormalizer
+
+        group = join_group(settings_for(rank, port))
+        n = RunningNormalizer(dim=rows[rank].shape[1])
+        n.update(rows[rank])
+        out = []
+        try:
+            for ready, leaving in [(rank == 0, False), (True, False), (True, rank == 0)]:
+                local = LocalProgress(ready=ready, leaving=leaving, events=10 * (rank + 1),
+                                      transitions=rank + 1, normalizer_count=n.count,
+                                      normalizer_version=rank + 1, mean=n.mean, std=n.std)
+                got = group.step_together(local)
+                out.append({"all_ready": got.all_ready, "leaving": got.leaving, "events": got.events,
+                            "transitions": got.transitions, "count": got.normalizer_count,
+                            "mean": got.mean, "std": got.std})
+        finally:
+            group.close()
+        return out
+
+    _reporting(results, rank, body)
+
+
 @contextmanager
 def processes(target: Callable[..., None], *arg_lists: tuple[Any, ...]) -> Iterator[list[Any]]:
     procs = [CTX.Process(target=target, args=args, daemon=True) for args in arg_lists]
@@ -264,6 +290,26 @@ def test_two_ranks_on_different_batches_hold_identical_weights_equal_to_one_lear
     for name, value in expected.items():
         np.testing.assert_allclose(rank0["weights"][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
     assert not np.allclose(rank0["weights"]["online.mlp.0.weight"], untrained["online.mlp.0.weight"])
+
+
+def test_steps_together_agree_on_readiness_sum_counts_and_pool_the_normalizers_exactly() -> None:
+    rng = np.random.default_rng(5)
+    rows = [rng.normal(3.0, 2.0, size=(40, 6)), rng.normal(-1.0, 0.5, size=(25, 6))]
+    results = CTX.Queue()
+    port = free_port()
+    with processes(_steps_together, *((rank, port, rows, results) for rank in (0, 1))) as procs:
+        out = collect(results, 2)
+    assert [p.exitcode for p in procs] == [0, 0]
+    steps0, steps1 = out[0][1], out[1][1]
+    assert [s["all_ready"] for s in steps0] == [s["all_ready"] for s in steps1] == [False, True, True]
+    assert [s["leaving"] for s in steps0] == [0, 0, 1]
+    assert {(s["events"], s["transitions"]) for s in steps0 + steps1} == {(30, 3)}
+    # The pooled statistics are those of one normalizer that saw both ranks' rows.
+    both = np.concatenate(rows)
+    for s in (steps0[0], steps1[2]):
+        assert s["count"] == len(both)
+        np.testing.assert_allclose(s["mean"], both.mean(axis=0), rtol=1e-9)
+        np.testing.assert_allclose(s["std"], np.sqrt(both.var(axis=0) + 1e-8), rtol=1e-6)
 
 
 def test_a_dead_member_makes_the_next_collective_raise_a_group_error() -> None:

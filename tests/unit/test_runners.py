@@ -56,7 +56,7 @@ def budget(inserted: int) -> int:
 
 def run_to_budget(runner: LearnerRunner, inserted: int) -> int:
     """Allow `inserted` rows' worth of updates, wait for them, and check that no more follow."""
-    runner.note_inserted(inserted)
+    runner.note_ingested(inserted, 0)
     target = budget(inserted)
     wait_until(lambda: runner.stats().updates >= target, f"{target} updates")
     # The loop keeps running (heartbeats) but must not update past its budget.
@@ -111,7 +111,7 @@ def test_thread_runner_updates_up_to_its_budget_publishes_and_hands_over_its_sta
         assert_weights_match(weights, runner.learner_state()["online"])
 
         mean, std = normalization()
-        runner.set_normalization(mean, std)
+        runner.set_normalization(mean, std, 1000.0)
         updates = run_to_budget(runner, 50)
         online = runner.learner_state()["online"]
         np.testing.assert_array_equal(online["obs_mean"].numpy(), mean)
@@ -151,7 +151,7 @@ def test_process_runner_updates_up_to_its_budget_over_shared_replay() -> None:
         assert not torch.equal(weights["mlp.0.weight"], learner.online.state_dict()["mlp.0.weight"])
 
         mean, std = normalization()
-        runner.set_normalization(mean, std)
+        runner.set_normalization(mean, std, 1000.0)
         updates = run_to_budget(runner, 50)
         state = runner.learner_state()
         online = state["online"]
