@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -163,6 +163,40 @@ class RolloutSettings(Section):
     check_interval_seconds: Positive = 5.0
 
 
+class DistributedSettings(Section):
+    """Several daemons (ranks) learning one policy: one consumer group, gradients averaged every update."""
+
+    world_size: Annotated[int, Field(ge=1)] = 1
+    """How many ranks learn together. 1: this daemon learns alone. Under torchrun its RANK, WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT are used instead of the three settings below."""
+    rank: Annotated[int, Field(ge=0)] = 0
+    """This daemon's rank, 0..world_size-1; rank 0 publishes the snapshots."""
+    init_method: str = "tcp://127.0.0.1:29400"
+    """Where rank 0 serves the rendezvous, as every rank reaches it: tcp://HOST:PORT."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """auto: NCCL when the learner is on CUDA, else Gloo."""
+    timeout_seconds: Positive = 120.0
+    """How long to wait for the group to assemble and for any collective; past it the ranks exit (76)."""
+
+    @model_validator(mode="after")
+    def _rank_in_world(self) -> DistributedSettings:
+        if self.rank >= self.world_size:
+            raise ValueError(f"rank {self.rank} is not below world_size {self.world_size}")
+        host, port = self.endpoint
+        if not host or not 1 <= port <= 65535:
+            raise ValueError(f"init_method {self.init_method!r} is not tcp://HOST:PORT")
+        return self
+
+    @property
+    def endpoint(self) -> tuple[str, int]:
+        """(host, port) of init_method; ("", 0) when it is not tcp://HOST:PORT."""
+        rest = self.init_method.removeprefix("tcp://")
+        host, _, port = rest.rpartition(":")
+        if rest == self.init_method or not port.isascii() or not port.isdigit():
+            return "", 0
+        return host.strip("[]"), int(port)
+
+
 class IngestSettings(Section):
     max_message_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     max_events_per_message: Annotated[int, Field(ge=1)] = 10_000
@@ -197,6 +231,7 @@ class Settings(BaseSettings):
     verdicts: VerdictSettings = VerdictSettings()
     rollout: RolloutSettings = RolloutSettings()
     ingest: IngestSettings = IngestSettings()
+    distributed: DistributedSettings = DistributedSettings()
     log: LogSettings = LogSettings()
 
 

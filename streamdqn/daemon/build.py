@@ -8,6 +8,7 @@ e.g. `await asyncio.to_thread(build, settings)`.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ from streamdqn.config import Settings
 from streamdqn.daemon.checkpointer import Checkpointer
 from streamdqn.daemon.health import HealthView
 from streamdqn.daemon.ingestor import Backpressure, Ingestor
-from streamdqn.daemon.publisher import Publisher
+from streamdqn.daemon.publisher import Learned, Publisher
+from streamdqn.daemon.ranks import Role, StateLayout, group_settings, http_port
 from streamdqn.daemon.rollout import RecentTraffic, Rollout, RolloutRules
 from streamdqn.daemon.sdnotify import SystemdNotifier
 from streamdqn.daemon.server import HttpBinding, Server
@@ -29,6 +31,7 @@ from streamdqn.kafka.options import KafkaOptions
 from streamdqn.kafka.sink import KafkaSink
 from streamdqn.kafka.source import KafkaSource
 from streamdqn.learning.checkpoints import CheckpointStore, LoadedCheckpoint
+from streamdqn.learning.distributed import GroupSettings
 from streamdqn.learning.learner import DQNLearner, resolve_device
 from streamdqn.learning.replay.buffer import ReplayBuffer, make_replay
 from streamdqn.learning.runners import LearnerRunner, ProcessRunner, RunnerOptions, ThreadRunner
@@ -42,6 +45,7 @@ from streamdqn.snapshots.store import SnapshotStore
 from streamdqn.stream.episodes import EpisodeTracker, Finished
 from streamdqn.stream.features import FEATURE_DIM, RunningNormalizer
 from streamdqn.stream.join import VerdictJoin
+from streamdqn.stream.outcomes import PolicyOutcomes
 from streamdqn.stream.pipeline import IngestPipeline, PipelineOptions, RateLimiter
 from streamdqn.stream.rewards import RewardTable
 from streamdqn.stream.rows import relabel_rewards
@@ -71,6 +75,7 @@ class KafkaClients:
     options: KafkaOptions
     offsets: dict[Partition, int]
     on_revoked: PartitionsCallback | None = None
+    alone: bool = True  # no other rank is configured: a shrunk assignment means a stray consumer
     bootstrap_servers: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -87,7 +92,8 @@ class KafkaClients:
 
         async def assigned(partitions: set[int]) -> None:
             log_event("partitions assigned", partitions=sorted(partitions))
-            warn_if_sharing(partitions, source.topic_partitions(), o.topic, o.group_id)
+            if self.alone:
+                warn_if_sharing(partitions, source.topic_partitions(), o.topic, o.group_id)
 
         source.on_assigned = assigned
         source.start_offsets = self.offsets
@@ -133,14 +139,18 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
     """The daemon for `settings`, restored from its newest checkpoint; Kafka unless a source is given."""
     s = settings
     torch.set_num_threads(max(1, s.learner.torch_threads))
-    state_dir = Path(s.state.dir)
+    group = group_settings(s.distributed, os.environ)
+    role = Role.of(group)
+    layout = StateLayout.of(Path(s.state.dir), role)
     learning = s.learner  # the config section extends LearnerSettings: used as it is
+    if group is not None:  # a captured graph could not run the gradient all-reduce in the middle
+        learning = learning.model_copy(update={"cuda_graph": False})
     device = resolve_device(s.learner.device)
     process_mode = s.learner.mode == "process" and device.type == "cpu"
     rewards = RewardTable()
     # Loaded now so that a missing or unreadable key stops the start with a clear error.
     signer = load_signer(s.publish.signing, s.publish.signing_key_file)
-    checkpoints = CheckpointStore(state_dir / "checkpoints", keep=s.checkpoint.keep)
+    checkpoints = CheckpointStore(layout.checkpoints, keep=s.checkpoint.keep)
     checkpoint = checkpoints.load_latest()
 
     lock = ProcessRunner.make_lock() if process_mode else None
@@ -154,15 +164,15 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
         _restore(checkpoint, learner, pipeline, replay, offsets)
     n = pipeline.normalizer
     learner.set_normalization(n.mean, n.std, n.clip)
-    runner = _runner(s, learning, learner, replay, lock, process_mode)
-    runner.note_inserted(pipeline.counters.transitions)
-    runner.set_normalization(n.mean, n.std)
+    runner = _runner(s, learning, learner, replay, lock, process_mode, group)
+    runner.note_ingested(pipeline.counters.transitions, pipeline.counters.events_consumed)
+    runner.set_normalization(n.mean, n.std, n.count)
 
     clients: KafkaClients | GivenClients
     if source is not None:
         clients = GivenClients(source, sink if sink is not None else MemorySink(), offsets)
     else:
-        clients = KafkaClients(kafka_options(s), offsets)
+        clients = KafkaClients(kafka_options(s), offsets, alone=role.alone)
     ingestor = Ingestor(
         pipeline, clients, runner,
         Backpressure(s.learner.min_samples_per_insert, learning.batch_size, s.replay.min_size),
@@ -171,22 +181,28 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
         observe_batch_seconds=lambda t: metrics.ingest_batch_seconds.observe(t),
         observe_verdict_delay=lambda t: metrics.verdict_delay_seconds.observe(t),
     )
-    snapshots = SnapshotStore(state_dir / "snapshots", keep=s.publish.keep)
+    snapshots = SnapshotStore(layout.snapshots, keep=s.publish.keep)
+
+    def group_learned() -> Learned:
+        counts = runner.group_counts()
+        return Learned(counts.events, counts.transitions, counts.normalizer_count)
+
     publisher = Publisher(
-        snapshots, SnapshotStore(state_dir / "rejected", keep=s.publish.keep), runner, ingestor,
+        snapshots, SnapshotStore(layout.rejected, keep=s.publish.keep), runner, ingestor,
         _gate(s), learning, rewards, interval_seconds=s.publish.interval_seconds,
         min_updates=s.publish.min_updates, device=str(device), signer=signer,
         snapshot_topic=bool(s.kafka.snapshot_topic), base_url=lambda: base_url(s, server.http_port),
-        canary=s.rollout.canary_fraction > 0,
-        observe_seconds=lambda t: metrics.snapshot_export_seconds.observe(t),
+        canary=s.rollout.canary_fraction > 0, counts=None if role.alone else group_learned,
+        active=role.publishes, observe_seconds=lambda t: metrics.snapshot_export_seconds.observe(t),
     )
     checkpointer = Checkpointer(
         checkpoints, ingestor, runner, replay, interval_seconds=s.checkpoint.interval_seconds,
-        include_replay=s.checkpoint.include_replay, history_dir=state_dir, batch_size=learning.batch_size,
+        include_replay=s.checkpoint.include_replay, history_dir=layout.own, batch_size=learning.batch_size,
         snapshot_version=lambda: publisher.state.version,
         observe_seconds=lambda t: metrics.checkpoint_seconds.observe(t),
     )
-    rollout = Rollout(snapshots, lambda: pipeline.outcomes,
+    # Only rank 0 changes channels; the other ranks see no outcomes (so never judge), and measure drift.
+    rollout = Rollout(snapshots, (lambda: pipeline.outcomes) if role.publishes else PolicyOutcomes,
                       RolloutRules(s.rollout.promote_after_episodes, s.publish.gate_max_false_positive_rate,
                                    s.publish.gate_return_tolerance, s.rollout.confidence),
                       publisher.announce,
@@ -199,7 +215,7 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
     health = HealthView(ingestor, runner, replay, publisher, checkpointer, watchdog, rollout,
                         batch_size=learning.batch_size,
                         updates_per_transition=s.learner.updates_per_transition, device=str(device),
-                        publish_interval_seconds=s.publish.interval_seconds)
+                        publish_interval_seconds=s.publish.interval_seconds, role=role)
     metrics = DaemonMetrics(health.metrics)
 
     def observe_return(finished: Finished) -> None:
@@ -221,7 +237,7 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
                     admin_token=s.http.admin_token.get_secret_value())
     # base_url (above) reads server.http_port once the server has bound its port.
     server = Server(ingestor, checkpointer, publisher, rollout, watchdog, health, runner,
-                    HttpBinding(app, s.http.host, s.http.port), notifier,
+                    HttpBinding(app, s.http.host, http_port(s.http.port, os.environ)), notifier,
                     stop_timeout_seconds=s.lifecycle.stop_timeout_seconds)
     return server
 
@@ -285,12 +301,12 @@ def _restore(
 
 def _runner(
     s: Settings, learning: LearnerSettings, learner: DQNLearner, replay: ReplayBuffer, lock: object,
-    process_mode: bool,
+    process_mode: bool, group: GroupSettings | None,
 ) -> LearnerRunner:
     options = RunnerOptions(
         FEATURE_DIM, len(Action), min_size=s.replay.min_size,
         updates_per_transition=s.learner.updates_per_transition, torch_threads=s.learner.torch_threads,
-        feature_clip=s.episodes.feature_clip, nice=s.learner.process_nice,
+        feature_clip=s.episodes.feature_clip, nice=s.learner.process_nice, group=group,
     )
     if process_mode:
         return ProcessRunner(learning, learner.state_dict(), replay, lock, options,

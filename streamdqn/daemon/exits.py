@@ -6,6 +6,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_LEARNER_DIED = 70
 EXIT_STALLED = 75  # EX_TEMPFAIL: systemd's Restart=on-failure brings us back
+EXIT_GROUP_LOST = 76  # a data-parallel group failed: every rank restarts and they meet again
 
 
 class FatalExit(Exception):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
@@ -11,6 +12,7 @@ from streamdqn import __version__
 from streamdqn.daemon.checkpointer import Checkpointer
 from streamdqn.daemon.ingestor import Ingestor
 from streamdqn.daemon.publisher import Publisher
+from streamdqn.daemon.ranks import Role
 from streamdqn.daemon.rollout import Rollout
 from streamdqn.daemon.watchdog import Watchdog
 from streamdqn.learning.replay.buffer import ReplayBuffer
@@ -34,6 +36,7 @@ class HealthView:
         updates_per_transition: float,
         device: str,
         publish_interval_seconds: float,
+        role: Role | None = None,
     ) -> None:
         self.ingestor = ingestor
         self.runner = runner
@@ -44,7 +47,9 @@ class HealthView:
         self.rollout = rollout
         self.batch_size = batch_size
         self.updates_per_transition = updates_per_transition
-        self.build = {"version": __version__, "torch": torch.__version__, "device": device}
+        self.role = role or Role()
+        self.build = {"version": __version__, "torch": torch.__version__, "device": device,
+                      "rank": str(self.role.rank), "world_size": str(self.role.world_size)}
         self.publish_interval_seconds = publish_interval_seconds
         self.started = time.time()
 
@@ -104,4 +109,17 @@ class HealthView:
             "learner_running": self.runner.alive(),
             "snapshot_fresh": fresh,
         }
-        return all(checks.values()), checks
+        stats = self.runner.stats()
+        identity = {"rank": self.role.rank, "world_size": self.role.world_size, "updates": stats.updates,
+                    "weights_sha256": self.weights_sha256()}
+        return all(checks.values()), {**checks, **identity}
+
+    def weights_sha256(self) -> str:
+        """Of the acting network's weights as the learner last handed them out: equal on every rank of a
+        group at the same update (they publish at the same update counts)."""
+        weights, _ = self.runner.weights()
+        digest = hashlib.sha256()
+        for name in sorted(weights):
+            digest.update(name.encode())
+            digest.update(weights[name].detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()

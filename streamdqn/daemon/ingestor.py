@@ -174,9 +174,10 @@ class Ingestor:
                 log_event("stopping with dead letters unacknowledged", records=pending.count,
                           note="final checkpoint skipped; the batch is read again after a restart")
                 return False
-            self.pipeline.counters.dead_lettered += len(outcome.dead_letters)
+            counters = self.pipeline.counters
+            counters.dead_lettered += len(outcome.dead_letters)
             self.offsets.update(outcome.next_offsets)
-            self.runner.note_inserted(self.pipeline.counters.transitions)
+            self.runner.note_ingested(counters.transitions, counters.events_consumed)
             self.observe_batch_seconds(time.perf_counter() - started)
             if self.pipeline.join is not None:
                 for delay in self.pipeline.join.take_delays():
@@ -199,7 +200,7 @@ class Ingestor:
     def _refresh_learner_link(self) -> None:
         """The normalizer's statistics to the learner."""
         n = self.pipeline.normalizer
-        self.runner.set_normalization(n.mean, n.std)
+        self.runner.set_normalization(n.mean, n.std, n.count)
 
     async def _dead_letter(self, letters: list[DeadLetter], stop: asyncio.Event) -> None:
         """A bad record counts as done only once its dead letter is acknowledged: retry until it is.

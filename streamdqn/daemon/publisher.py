@@ -44,6 +44,15 @@ class PublishedState:
     failures: int = 0
 
 
+@dataclass(frozen=True)
+class Learned:
+    """What a snapshot was learned from (its manifest's counts)."""
+
+    events: int
+    transitions: int
+    normalizer_count: float
+
+
 class Publisher:
     def __init__(
         self,
@@ -62,8 +71,12 @@ class Publisher:
         snapshot_topic: bool,
         base_url: Callable[[], str],
         canary: bool = False,
+        counts: Callable[[], Learned] | None = None,
+        active: bool = True,
         observe_seconds: Callable[[float], None] = lambda s: None,
     ) -> None:
+        """`counts`: what the snapshots were learned from (default: this daemon's own counters; in a
+        group, the sums over its ranks). `active` False: publish nothing (the ranks other than 0)."""
         self.store = store
         self.rejected_store = rejected
         self.runner = runner
@@ -78,6 +91,8 @@ class Publisher:
         self.snapshot_topic = snapshot_topic
         self.base_url = base_url
         self.canary = canary  # passing candidates go to the canary channel once a stable exists
+        self.counts = counts or self._own_counts
+        self.active = active
         self.observe_seconds = observe_seconds
         self.state = PublishedState()
         latest = store.latest_version()
@@ -88,23 +103,30 @@ class Publisher:
         self._last_progress: tuple[int, int] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
+        if not self.active:
+            await stop.wait()
+            return
         while not stop.is_set():
             await asyncio.sleep(self.interval_seconds)
             await self.publish()
 
+    def _own_counts(self) -> Learned:
+        pipeline = self.ingestor.pipeline
+        c = pipeline.counters
+        return Learned(c.events_consumed, c.transitions, pipeline.normalizer.count)
+
     async def publish(self, *, final: bool = False) -> bool:
         stats = self.runner.stats()
-        if stats.updates < self.min_updates:
+        if not self.active or stats.updates < self.min_updates:
             return False
-        counters = self.ingestor.pipeline.counters
-        progress = (stats.updates, counters.events_consumed)
+        learned = self.counts()
+        progress = (stats.updates, learned.events)
         if progress == self._last_progress and not final:
             return False
         started = time.perf_counter()
         weights, _ = self.runner.weights()
-        provenance = Provenance(stats.updates, counters.events_consumed, counters.transitions,
-                                self.ingestor.pipeline.normalizer.count, self.learner_settings.as_dict(),
-                                self.device)
+        provenance = Provenance(stats.updates, learned.events, learned.transitions, learned.normalizer_count,
+                                self.learner_settings.as_dict(), self.device)
         held_out = list(self.ingestor.pipeline.tracker.holdout) if self.gate is not None else []
         try:
             snapshot, passed = await asyncio.to_thread(self._export, weights, provenance, held_out)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 
-from streamdqn.daemon.exits import EXIT_LEARNER_DIED, EXIT_STALLED, FatalExit
+from streamdqn.daemon.exits import EXIT_GROUP_LOST, EXIT_LEARNER_DIED, EXIT_STALLED, FatalExit
 from streamdqn.daemon.ingestor import Ingestor
 from streamdqn.daemon.sdnotify import SystemdNotifier
 from streamdqn.learning.runners import LearnerRunner
@@ -48,6 +48,10 @@ class Watchdog:
             now = time.monotonic()
             self.loop_lag = max(0.0, now - before - TICK_SECONDS)
             if not self.runner.alive():
+                if self.runner.left_group():
+                    log.error("the learner lost its group (a rank stopped, died or never came); exiting "
+                              "with code %d so that every rank restarts from its checkpoint", EXIT_GROUP_LOST)
+                    raise FatalExit(EXIT_GROUP_LOST, "the group failed")
                 log.error("the learner stopped unexpectedly; exiting so that systemd restarts the service")
                 raise FatalExit(EXIT_LEARNER_DIED, "the learner stopped")
             if now - last_broker_check >= BROKER_CHECK_SECONDS:

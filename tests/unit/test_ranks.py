@@ -1,0 +1,70 @@
+"""Where a daemon stands among the ranks: [distributed], torchrun's variables, the state layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from streamdqn.config import DistributedSettings, load_settings
+from streamdqn.daemon.ranks import Role, StateLayout, group_settings, http_port
+from streamdqn.errors import ConfigError
+
+TORCHRUN = {"RANK": "1", "WORLD_SIZE": "3", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29500"}
+
+
+def test_alone_by_default_even_with_a_stray_rank_variable() -> None:
+    assert group_settings(DistributedSettings(), {}) is None
+    assert group_settings(DistributedSettings(), {"RANK": "2"}) is None  # not a launcher's full set
+
+
+def test_the_section_names_rank_world_and_rendezvous() -> None:
+    d = DistributedSettings(world_size=4, rank=3, init_method="tcp://[::1]:29411", timeout_seconds=9,
+                            backend="gloo")
+    g = group_settings(d, {})
+    assert g is not None
+    assert (g.rank, g.world_size, g.master_addr, g.master_port, g.timeout_seconds, g.backend) == (
+        3, 4, "::1", 29411, 9, "gloo")
+
+
+def test_torchruns_environment_counts_when_the_section_leaves_world_size_at_1() -> None:
+    g = group_settings(DistributedSettings(timeout_seconds=7), TORCHRUN)
+    assert g is not None
+    assert (g.rank, g.world_size, g.master_addr, g.master_port, g.timeout_seconds) == (1, 3, "10.0.0.5",
+                                                                                       29500, 7)
+    assert group_settings(DistributedSettings(), {**TORCHRUN, "RANK": "0", "WORLD_SIZE": "1"}) is None
+    with pytest.raises(ConfigError, match="not an integer"):
+        group_settings(DistributedSettings(), {**TORCHRUN, "RANK": "one"})
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"world_size": 2, "rank": 2}, "rank 2 is not below world_size 2"),
+    ({"init_method": "env://"}, "is not tcp://HOST:PORT"),
+    ({"init_method": "tcp://host"}, "is not tcp://HOST:PORT"),
+    ({"init_method": "tcp://host:70000"}, "is not tcp://HOST:PORT"),
+    ({"init_method": "tcp://host:\u0662\u0669"}, "is not tcp://HOST:PORT"),  # Arabic-Indic digits
+])
+def test_a_bad_section_is_refused_naming_the_key(values: dict[str, object], message: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in values.items():
+        monkeypatch.setenv(f"STREAMDQN_DISTRIBUTED__{key.upper()}", str(value))
+    with pytest.raises(ConfigError, match="distributed") as error:
+        load_settings()
+    assert message in str(error.value)
+
+
+def test_state_layout_alone_is_unchanged_and_a_group_keeps_one_snapshot_store(tmp_path: Path) -> None:
+    alone = StateLayout.of(tmp_path, Role())
+    assert (alone.checkpoints, alone.own, alone.snapshots) == (tmp_path / "checkpoints", tmp_path,
+                                                                tmp_path / "snapshots")
+    ranks = [StateLayout.of(tmp_path, Role(r, 3)) for r in range(3)]
+    assert len({r.checkpoints for r in ranks}) == 3
+    assert {r.snapshots for r in ranks} == {tmp_path / "snapshots"}
+    assert [Role(r, 3).publishes for r in range(3)] == [True, False, False]
+
+
+def test_local_ranks_under_torchrun_serve_http_on_consecutive_ports() -> None:
+    agent = {**TORCHRUN, "TORCHELASTIC_RUN_ID": "x"}
+    assert http_port(8765, {**agent, "LOCAL_RANK": "2"}) == 8767
+    assert http_port(0, {**agent, "LOCAL_RANK": "2"}) == 0  # ephemeral for everyone
+    assert http_port(8765, {"LOCAL_RANK": "2"}) == 8765  # not under torchrun: as configured
