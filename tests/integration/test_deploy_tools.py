@@ -27,6 +27,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 UNIT = ROOT / "systemd" / "streamdqn.service"
+RANK_UNIT = ROOT / "systemd" / "streamdqn@.service"
 ENV_EXAMPLE = ROOT / "systemd" / "streamdqn.env.example"
 COMPOSE = DEPLOY / "docker-compose.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "streamdqn.json"
@@ -165,6 +166,27 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert verify_problems(copy) == []
 
 
+def test_rank_template_passes_verify_as_an_instance(tmp_path: Path) -> None:
+    copy = unit_copy_with_existing_exec(tmp_path, RANK_UNIT.read_text())
+    instance = copy.rename(tmp_path / "streamdqn@1.service")
+    assert verify_problems(instance) == []
+
+
+def test_rank_template_is_the_unit_plus_only_what_a_rank_needs() -> None:
+    """The template keeps every setting of streamdqn.service (hardening cannot drift between them) and
+    adds or changes only the rank's own lines."""
+    unit, rank = unit_settings(UNIT.read_text()), unit_settings(RANK_UNIT.read_text())
+    changed = {"CacheDirectory", "Environment"}
+    assert [kv for kv in unit if kv[0] not in changed] == [kv for kv in rank if kv[0] not in changed
+                                                          and kv not in RANK_ONLY]
+    for kv in RANK_ONLY:
+        assert kv in rank, kv
+
+
+RANK_ONLY = [("EnvironmentFile", "/etc/streamdqn/rank-%i.env"), ("User", "streamdqn"),
+             ("Environment", "STREAMDQN_DISTRIBUTED__RANK=%i")]
+
+
 def test_verify_check_catches_misspelled_key_and_bad_value(tmp_path: Path) -> None:
     text = UNIT.read_text()
     assert "\nPrivateTmp=yes\n" in text
@@ -177,7 +199,8 @@ def test_verify_check_catches_misspelled_key_and_bad_value(tmp_path: Path) -> No
     assert any("yess" in line for line in problems), problems
 
 
-def test_unit_security_exposure(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("unit", [UNIT, RANK_UNIT], ids=["streamdqn.service", "streamdqn@.service"])
+def test_unit_security_exposure(unit: Path, capsys: pytest.CaptureFixture[str]) -> None:
     threshold = round(MAX_EXPOSURE * 10)  # --threshold counts tenths of the printed level
     result = run(
         require("systemd-analyze"),
@@ -185,13 +208,13 @@ def test_unit_security_exposure(capsys: pytest.CaptureFixture[str]) -> None:
         "--offline=true",
         f"--threshold={threshold}",
         "--no-pager",
-        UNIT,
+        unit,
     )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
     exposure = float(match.group(1))
     with capsys.disabled():
-        print(f"\nsystemd-analyze security: streamdqn.service exposure {exposure} (bound {MAX_EXPOSURE})")
+        print(f"\nsystemd-analyze security: {unit.name} exposure {exposure} (bound {MAX_EXPOSURE})")
     assert exposure <= MAX_EXPOSURE, result.stdout
     assert result.returncode == 0, result.stdout + result.stderr
 
