@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -150,9 +151,11 @@ def test_a_pinned_stable_is_held_against_promotion_publishing_and_rollback(tmp_p
     canary = store.publish(b"model e", policy_info(), channel="canary")
     assert (canary.version, canary.channel) == (5, "canary")
     before = (links(tmp_path), (tmp_path / HISTORY_FILE).read_bytes())
-    for refused in (store.promote, lambda: store.promote(4), store.rollback, lambda: store.rollback(to=2)):
+    refused: list[Callable[[], object]] = [store.promote, lambda: store.promote(4), store.rollback,
+                                          lambda: store.rollback(to=2)]
+    for change in refused:
         with pytest.raises(SnapshotConflictError, match=r"stable is pinned to 1.*unpin"):
-            refused()
+            change()
     assert (links(tmp_path), (tmp_path / HISTORY_FILE).read_bytes()) == before
     # Demoting the canary still works; so does pinning another version (it moves the pin).
     assert store.demote().canary is None
