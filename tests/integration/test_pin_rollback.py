@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ADMIN = "admin-token-for-pin-tests"
 SERVED_WITHIN = 10.0  # generous bound on waiting; what is observed is printed
-CLI_KILLS = 10
+CLI_KILLS = 6
 
 
 @contextmanager
