@@ -272,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_snapshots_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("snapshots", help="channels, pins and rollback of a snapshot store",
                        description="Show and change what sandboxes are served: the stable and canary "
-                       "channels and per-sandbox pins. Safe while the daemon runs: it serves a change "
-                       "on the next request.")
+                       "channels, a pin that holds stable, and per-sandbox pins. Safe while the daemon "
+                       "runs: it serves a change on the next request.")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     where = argparse.ArgumentParser(add_help=False)
     place = where.add_mutually_exclusive_group(required=True)
@@ -284,13 +284,18 @@ def _add_snapshots_parser(sub: argparse._SubParsersAction[argparse.ArgumentParse
     why.add_argument("--reason", default="", help="recorded in channels.log with the change")
 
     actions.add_parser("list", parents=[where], help="channels, pins, versions and recent changes")
-    a = actions.add_parser("pin", parents=[where, why], help="serve VERSION to one sandbox until unpinned")
+    a = actions.add_parser("pin", parents=[where, why],
+                           help="point stable at VERSION and hold it there until unpinned "
+                           "(with --sandbox-id: serve VERSION to that one sandbox)")
     a.add_argument("version", type=_snapshot_version, metavar="VERSION")
-    a.add_argument("--sandbox-id", required=True, metavar="ID")
-    a = actions.add_parser("unpin", parents=[where, why], help="the sandbox follows the channels again")
-    a.add_argument("--sandbox-id", required=True, metavar="ID")
+    a.add_argument("--sandbox-id", metavar="ID", help="pin this sandbox, not stable")
+    a = actions.add_parser("unpin", parents=[where, why],
+                           help="let promotion move stable again (with --sandbox-id: the sandbox "
+                           "follows the channels again)")
+    a.add_argument("--sandbox-id", metavar="ID", help="unpin this sandbox, not stable")
     a = actions.add_parser("rollback", parents=[where, why],
-                           help="point stable at the previous stable version (or --to VERSION)")
+                           help="point stable at the previous stable version (or --to VERSION); "
+                           "refused while stable is pinned")
     a.add_argument("--to", dest="version", type=_snapshot_version, metavar="VERSION")
     a = actions.add_parser("promote", parents=[where, why],
                            help="point stable at the canary (or at VERSION) and clear the canary")

@@ -208,7 +208,7 @@ class Publisher:
             "version": snapshot.version, "sha256": snapshot.manifest.sha256,
             "url": f"{base}/snapshots/{snapshot.version}/model.onnx",
             "manifest_url": f"{base}/snapshots/{snapshot.version}/manifest.json",
-            "channel": CANARY if snapshot.version != self.store.latest_version() else STABLE,
+            "channel": snapshot.channel,  # None: held, stable is pinned
         }).encode())
 
     async def announce(self, payload: bytes) -> None:

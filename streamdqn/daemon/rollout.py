@@ -12,6 +12,8 @@ Every `interval_seconds`:
              stable's (normal approximation on the two independent samples of episodes) is above
              -return_tolerance.
     wait     otherwise.
+    hold     promotion is due but stable is pinned (`streamdqn snapshots pin`): nothing changes until it
+             is unpinned, logged once (`canary promotion held: stable is pinned`). Demotion still works.
 
 Each change is logged (`channel promoted`, `channel demoted`) and announced on the snapshot topic.
 
@@ -55,7 +57,7 @@ class RolloutRules:
 
 @dataclass(frozen=True)
 class Decision:
-    action: Literal["promote", "demote", "wait"]
+    action: Literal["promote", "demote", "wait", "hold"]
     reason: str
 
 
@@ -125,6 +127,7 @@ class Rollout:
         # What the channels served at the last reading (the metrics show it; no file reads per scrape).
         self.channels = store.channels()
         self._policy: tuple[int, OnnxPolicy] | None = None
+        self._held: tuple[int, int] | None = None  # (canary, stable pin) last logged as held
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -153,6 +156,10 @@ class Rollout:
             return None
         outcomes = self.outcomes()
         decision = judge_canary(outcomes.of(canary), outcomes.of(channels.stable), self.rules)
+        if decision.action == "promote" and channels.stable_pin is not None:
+            return self._hold(canary, channels.stable_pin, decision)
+        if channels.stable_pin is None:
+            self._held = None  # a later pin logs its hold again
         if decision.action == "wait":
             return decision
         try:
@@ -173,3 +180,10 @@ class Rollout:
                                         "stable_before": channels.stable,
                                         "reason": decision.reason}).encode())
         return decision
+
+    def _hold(self, canary: int, pinned: int, due: Decision) -> Decision:
+        if self._held != (canary, pinned):
+            self._held = (canary, pinned)
+            log_event("canary promotion held: stable is pinned", version=canary, stable_pin=pinned,
+                      reason=due.reason)
+        return Decision("hold", f"stable is pinned to {pinned}; promotion due: {due.reason}")

@@ -3,15 +3,17 @@
     POST /admin/snapshots/promote    {"version": V?, "reason": "..."?}   canary (or V) -> stable
     POST /admin/snapshots/demote     {"reason": "..."?}                  take the canary out
     POST /admin/snapshots/rollback   {"to": V?, "reason": "..."?}        stable -> previous stable (or V)
-    POST /admin/snapshots/pin        {"sandbox_id": ID, "version": V, "reason": "..."?}
-    POST /admin/snapshots/unpin      {"sandbox_id": ID, "reason": "..."?}
+    POST /admin/snapshots/pin        {"version": V, "sandbox_id": ID?, "reason": "..."?}
+                                     stable -> V, held there until unpinned (or: that sandbox -> V)
+    POST /admin/snapshots/unpin      {"sandbox_id": ID?, "reason": "..."?}  release stable (or the sandbox)
 
 `Authorization: Bearer <admin token>`: 401 without a bearer token, 403 with a wrong one; without an
 admin token configured the routes do not exist (404). A version is a JSON integer or a canonical
-ASCII decimal string. Answers: 200 {"action", "version", "channels"}; 400 a malformed body; 409 a change
-the current channels do not allow (no canary, no previous stable, not pinned); 422 a version that does
-not exist or is corrupt. Every change goes through SnapshotStore (the same flock as the daemon's
-publisher and the CLI) and is seen by the next GET.
+ASCII decimal string. Answers: 200 {"action", "version", "sandbox_id", "channels"}; 400 a malformed
+body; 409 a change the current channels do not allow (no canary, no previous stable, not pinned, and
+promote or rollback while stable is pinned); 422 a version that does not exist or is corrupt. Every
+change goes through SnapshotStore (the same flock as the daemon's publisher and the CLI) and is seen by
+the next GET.
 """
 
 from __future__ import annotations
@@ -41,8 +43,7 @@ _FIELDS: dict[str, frozenset[str]] = {
     "pin": frozenset({"sandbox_id", "version", "reason"}),
     "unpin": frozenset({"sandbox_id", "reason"}),
 }
-_REQUIRED: dict[str, frozenset[str]] = {"pin": frozenset({"sandbox_id", "version"}),
-                                        "unpin": frozenset({"sandbox_id"})}
+_REQUIRED: dict[str, frozenset[str]] = {"pin": frozenset({"version"})}
 _PAST = {"promote": "promoted", "demote": "demoted", "rollback": "rolled back", "pin": "pinned",
          "unpin": "unpinned"}
 ADMIN_ACTIONS = tuple(_FIELDS)
@@ -56,7 +57,8 @@ class BadAdminRequest(ValueError):
 
 @dataclass(frozen=True)
 class AdminRequest:
-    """One parsed admin request; `version` is promote's/pin's version or rollback's `to`."""
+    """One parsed admin request; `version` is promote's/pin's version or rollback's `to`; pin and unpin
+    without a `sandbox_id` act on stable."""
 
     action: str
     version: int | None = None
@@ -116,10 +118,13 @@ def apply_admin_request(root: Path, request: AdminRequest, actor: str) -> Channe
         return store.demote(actor=who, reason=why)
     if a == "rollback":
         return store.rollback(request.version, actor=who, reason=why)
-    assert request.sandbox_id is not None  # parse_admin_request requires it for pin and unpin
     if a == "pin":
-        assert request.version is not None
+        assert request.version is not None  # parse_admin_request requires it
+        if request.sandbox_id is None:
+            return store.pin_stable(request.version, actor=who, reason=why)
         return store.pin(request.sandbox_id, request.version, actor=who, reason=why)
+    if request.sandbox_id is None:
+        return store.unpin_stable(actor=who, reason=why)
     return store.unpin(request.sandbox_id, actor=who, reason=why)
 
 
@@ -163,7 +168,7 @@ def admin_routes(root: Path, admin_token: str) -> list[web.RouteDef]:
             return _error(str(exc), 422)
         log_event(f"channel {_PAST[action]}", actor=actor, version=parsed.version,
                   sandbox_id=parsed.sandbox_id, reason=parsed.reason, stable=record.stable,
-                  canary=record.canary)
+                  canary=record.canary, stable_pin=record.stable_pin)
         return web.json_response(_answer(action, parsed, record))
 
     return [web.post("/admin/snapshots/{action}", _require_admin(admin_token, change))]

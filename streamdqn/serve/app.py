@@ -5,7 +5,7 @@
     GET /metrics                               render_metrics() (token only with protect_metrics)
     GET /snapshots                             {"latest": v, "versions": [...]}
     GET /snapshots/channels                    {"stable", "canary", "latest", "previous_stable", "pins",
-                                                "canary_fraction"}
+                                                "stable_pin", "canary_fraction"}
     GET /snapshots/latest/{model.onnx,manifest.json}      Cache-Control: no-cache, X-Snapshot-Version,
                                                           X-Snapshot-Channel, Vary: X-Sandbox-Id
     GET /snapshots/<version>/{model.onnx,manifest.json}   immutable, cacheable for a year
@@ -150,7 +150,17 @@ class SnapshotFiles:
         stable = layout.channel_version(self.root, STABLE)
         return {"stable": stable, "canary": layout.channel_version(self.root, CANARY), "latest": stable,
                 "previous_stable": previous_stable(read_history(self.root), stable),
-                "pins": dict(sorted(self.pins().items())), "canary_fraction": canary_fraction}
+                "pins": dict(sorted(self.pins().items())), "stable_pin": self.stable_pin(),
+                "canary_fraction": canary_fraction}
+
+    def stable_pin(self) -> int | None:
+        """The version stable is pinned to; None when it is not (or the pin file is unreadable, which
+        is logged: the store's writers refuse to move stable then)."""
+        try:
+            return layout.read_stable_pin(self.root)
+        except (OSError, ValueError) as exc:
+            log.warning("%s is unreadable: %s", self.root / layout.STABLE_PIN_FILE, exc)
+            return None
 
     def route(self, sandbox_id: str | None, canary_fraction: float) -> Route:
         """The version a `latest` request gets now, or _NotFound."""

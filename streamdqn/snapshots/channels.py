@@ -3,6 +3,8 @@
     stable    what every sandbox gets by default (`latest` is kept equal to it)
     canary    a candidate that a share of sandboxes gets (canary_share) while it is out
     pins      sandbox id -> version, for a sandbox that must stay on one version
+    stable pin  stable held at one version: promotion and publishing leave it alone, rollback is
+              refused, until it is unpinned (pinning another version moves it)
     history   channels.log: one JSON line per change; rollback walks it back
 
 ChannelBook does the changes and expects its caller (SnapshotStore) to hold the store's lock; the
@@ -32,11 +34,13 @@ from streamdqn.snapshots.layout import (
     LOCK_FILE,
     PINS_FILE,
     STABLE,
+    STABLE_PIN_FILE,
     Channel,
     channel_version,
     is_version_number,
     read_link_version,
     read_pins,
+    read_stable_pin,
 )
 
 POINTER_TEMP_PREFIX = ".ptr-"
@@ -66,8 +70,8 @@ class HistoryEntry:
     """One line of channels.log."""
 
     time: float
-    action: str  # publish, promote, demote, rollback, pin, unpin, adopt
-    channel: str | None  # stable, canary, or None for a pin
+    action: str  # publish, promote, demote, rollback, pin, unpin, adopt, compact
+    channel: str | None  # stable, canary, or None for a sandbox's pin
     version: int | None
     from_version: int | None
     actor: str = ""
@@ -133,14 +137,16 @@ class ChannelRecord:
     canary: int | None
     previous_stable: int | None
     pins: dict[str, int]
+    stable_pin: int | None = None  # the version stable is pinned to, while it is
 
     def as_dict(self) -> dict[str, Any]:
         return {"stable": self.stable, "canary": self.canary, "latest": self.stable,
-                "previous_stable": self.previous_stable, "pins": dict(sorted(self.pins.items()))}
+                "previous_stable": self.previous_stable, "pins": dict(sorted(self.pins.items())),
+                "stable_pin": self.stable_pin}
 
     def protected(self) -> set[int]:
         """Versions retention must keep: every channel, every pin, the rollback target."""
-        kept = {self.stable, self.canary, self.previous_stable, *self.pins.values()}
+        kept = {self.stable, self.canary, self.previous_stable, self.stable_pin, *self.pins.values()}
         return {v for v in kept if v is not None}
 
 
@@ -152,10 +158,18 @@ def read_pins_strict(root: Path) -> dict[str, int]:
                             "then try again") from None
 
 
+def read_stable_pin_strict(root: Path) -> int | None:
+    try:
+        return read_stable_pin(root)
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"{Path(root) / STABLE_PIN_FILE} is unreadable ({exc}); fix it, or remove it "
+                            "to unpin stable, then try again") from None
+
+
 def read_channels(root: Path) -> ChannelRecord:
     stable = channel_version(root, STABLE)
     return ChannelRecord(stable, channel_version(root, CANARY), previous_stable(read_history(root), stable),
-                         read_pins_strict(root))
+                         read_pins_strict(root), read_stable_pin_strict(root))
 
 
 @contextmanager
@@ -191,7 +205,8 @@ class ChannelBook:
 
     Each change writes its pointer or pins file atomically first and then appends its history line,
     so a crash in between leaves a valid state whose last change is missing from the log (rollback
-    then treats the unlogged stable as current and goes to the last logged one).
+    then treats the unlogged stable as current and goes to the last logged one). Pinning stable moves
+    the pointer before it writes the pin file: a crash in between leaves stable moved but not pinned.
     """
 
     def __init__(self, root: Path) -> None:
@@ -218,7 +233,20 @@ class ChannelBook:
             set_pointer(self.root, LATEST, version)
         self._log(action, channel, version, before, actor, reason)
 
+    def held_by_pin(self) -> int | None:
+        """The version stable is pinned to (SnapshotError when the pin file is unreadable: a pin that
+        cannot be read holds stable rather than letting it move)."""
+        return read_stable_pin_strict(self.root)
+
+    def _refuse_if_pinned(self, change: str) -> None:
+        pinned = self.held_by_pin()
+        if pinned is not None:
+            raise SnapshotConflictError(
+                f"stable is pinned to {pinned}; {change} would replace it. Unpin stable first "
+                "(`streamdqn snapshots unpin`), or pin the version you want (`snapshots pin VERSION`)")
+
     def promote(self, version: int | None, check: Callable[[int], None], actor: str, reason: str) -> int:
+        self._refuse_if_pinned("promotion")
         canary = channel_version(self.root, CANARY)
         target = canary if version is None else version
         if target is None:
@@ -241,6 +269,7 @@ class ChannelBook:
         return canary
 
     def rollback(self, to: int | None, check: Callable[[int], None], actor: str, reason: str) -> int:
+        self._refuse_if_pinned("a rollback")
         current = channel_version(self.root, STABLE)
         target = previous_stable(read_history(self.root), current) if to is None else to
         if target is None:
@@ -268,6 +297,29 @@ class ChannelBook:
         self._write_pins(pins)
         self._log("unpin", None, None, before, actor, reason, sandbox_id)
         return before
+
+    def pin_stable(self, version: int, check: Callable[[int], None], actor: str, reason: str) -> int | None:
+        """Point stable at `version` and hold it there; the stable it replaced (None: none)."""
+        before = channel_version(self.root, STABLE)
+        check(version)
+        if before != version:
+            set_pointer(self.root, STABLE, version)
+        if read_link_version(self.root / LATEST) != version:
+            set_pointer(self.root, LATEST, version)
+        pin = {"version": version, "time": time.time(), "actor": actor, "reason": reason}
+        atomic_write_bytes(self.root / STABLE_PIN_FILE,
+                           json.dumps(pin, indent=2, ensure_ascii=False).encode() + b"\n")
+        self._log("pin", STABLE, version, before, actor, reason)
+        return before
+
+    def unpin_stable(self, actor: str, reason: str) -> int:
+        """Let promotion and publishing move stable again; the version it was pinned to."""
+        pinned = self.held_by_pin()
+        if pinned is None:
+            raise SnapshotConflictError("stable is not pinned")
+        clear_pointer(self.root, STABLE_PIN_FILE)
+        self._log("unpin", STABLE, None, pinned, actor, reason)
+        return pinned
 
     def _write_pins(self, pins: dict[str, int]) -> None:
         data = json.dumps(dict(sorted(pins.items())), indent=2, ensure_ascii=False).encode() + b"\n"

@@ -7,6 +7,7 @@ offline evaluator and the sandbox-side client. No torch or onnx here.
     snapshots/canary -> <version>          (only while a canary is out)
     snapshots/latest -> <version>          (the same version as `stable`, for readers from before channels)
     snapshots/pins.json                    {"<sandbox id>": <version>, ...}, replaced atomically
+    snapshots/stable_pin.json              {"version": <version>}: stable is pinned there (only while pinned)
     snapshots/channels.log                 one JSON line per channel change, append-only
     snapshots/store.lock                   flock'd by every writer (streamdqn.snapshots.store)
 
@@ -24,7 +25,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, TypeGuard
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -34,6 +35,7 @@ STABLE: Final = "stable"
 CANARY: Final = "canary"
 CHANNELS: tuple[Channel, ...] = (STABLE, CANARY)
 PINS_FILE = "pins.json"
+STABLE_PIN_FILE = "stable_pin.json"
 HISTORY_FILE = "channels.log"
 LOCK_FILE = "store.lock"
 VERSION_RE = re.compile(r"[1-9][0-9]{0,11}", re.ASCII)
@@ -45,7 +47,7 @@ def parse_version(name: str) -> int | None:
     return int(name) if VERSION_RE.fullmatch(name) else None
 
 
-def is_version_number(value: object) -> bool:
+def is_version_number(value: object) -> TypeGuard[int]:
     """Whether `value` is an int (not a bool) that a canonical version name can spell."""
     return type(value) is int and 0 < value < 10**12
 
@@ -120,3 +122,22 @@ def read_pins(root: Path) -> dict[str, int]:
     except FileNotFoundError:
         return {}
     return parse_pins(data)
+
+
+def parse_stable_pin(data: bytes) -> int:
+    """stable_pin.json's bytes as the pinned version; ValueError says what is wrong."""
+    raw = json.loads(data)
+    version = raw.get("version") if isinstance(raw, dict) else None
+    if not is_version_number(version):
+        raise ValueError(f"stable pin file: {raw!r} does not name a version as {{\"version\": N}}")
+    return version
+
+
+def read_stable_pin(root: Path) -> int | None:
+    """The version stable is pinned to, None when it is not pinned; OSError or ValueError when the
+    file is unreadable."""
+    try:
+        data = (Path(root) / STABLE_PIN_FILE).read_bytes()
+    except FileNotFoundError:
+        return None
+    return parse_stable_pin(data)

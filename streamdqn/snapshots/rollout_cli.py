@@ -1,5 +1,9 @@
 """What `streamdqn snapshots list|pin|unpin|rollback|promote|demote` do (cli.py only parses arguments).
 
+`pin VERSION` pins stable (stable -> VERSION, held there until `unpin`); with a sandbox id it pins that
+one sandbox instead. While stable is pinned, `promote` and `rollback` are refused: unpin first, or pin
+the version wanted.
+
 Every change goes through SnapshotStore, under the same flock as a running daemon's publisher, so the
 commands are safe while the daemon publishes; the daemon's HTTP server serves the change on the next
 request. No torch here: the commands answer in a fraction of a second.
@@ -27,7 +31,8 @@ HISTORY_SHOWN = 10
 
 @dataclass(frozen=True)
 class RolloutCommand:
-    """One `streamdqn snapshots` command: `version` is pin's or promote's version, or rollback's --to."""
+    """One `streamdqn snapshots` command: `version` is pin's or promote's version, or rollback's --to;
+    pin and unpin act on stable without a `sandbox_id`, on that sandbox with one."""
 
     action: RolloutAction
     root: Path
@@ -70,15 +75,26 @@ def _change(store: SnapshotStore, c: RolloutCommand, actor: str) -> tuple[Channe
     if c.action == "rollback":
         record = store.rollback(c.version, actor=actor, reason=c.reason)
         return record, f"stable rolled back from {before.stable} to {record.stable}"
-    if c.sandbox_id is None:
-        raise SnapshotError(f"{c.action} needs a sandbox id")
     if c.action == "pin":
-        if c.version is None:
-            raise SnapshotError("pin needs a version")
-        record = store.pin(c.sandbox_id, c.version, actor=actor, reason=c.reason)
-        return record, f"sandbox {c.sandbox_id!r} pinned to {c.version}"
+        return _pin(store, c.version, c.sandbox_id, c.reason, actor, before)
+    if c.sandbox_id is None:
+        record = store.unpin_stable(actor=actor, reason=c.reason)
+        return record, f"stable unpinned (was pinned to {before.stable_pin}); promotion may move it again"
     record = store.unpin(c.sandbox_id, actor=actor, reason=c.reason)
     return record, f"sandbox {c.sandbox_id!r} unpinned (was {before.pins.get(c.sandbox_id)})"
+
+
+def _pin(store: SnapshotStore, version: int | None, sandbox_id: str | None, reason: str, actor: str,
+         before: ChannelRecord) -> tuple[ChannelRecord, str]:
+    if version is None:
+        raise SnapshotError("pin needs a version")
+    if sandbox_id is not None:
+        record = store.pin(sandbox_id, version, actor=actor, reason=reason)
+        return record, f"sandbox {sandbox_id!r} pinned to {version}"
+    record = store.pin_stable(version, actor=actor, reason=reason)
+    moved = "" if before.stable == version else f" (was {_or_none(before.stable)})"
+    return record, (f"stable pinned to {version}{moved}; promotion will not replace it until "
+                    "`streamdqn snapshots unpin`")
 
 
 def _actor() -> str:
@@ -93,7 +109,8 @@ def version_lines(root: Path, record: ChannelRecord) -> list[VersionLine]:
     """Every published version, newest first, with what serves it."""
     lines = []
     for v in reversed(versions(root)):
-        serves = [name for name, at in (("stable", record.stable), ("canary", record.canary),
+        stable = "stable (pinned)" if record.stable_pin == record.stable else "stable"
+        serves = [name for name, at in ((stable, record.stable), ("canary", record.canary),
                                          ("rollback target", record.previous_stable)) if at == v]
         serves += [f"pin {sandbox}" for sandbox, at in sorted(record.pins.items()) if at == v]
         try:
@@ -126,7 +143,8 @@ def _listing(root: Path, as_json: bool) -> str:
 
 def _summary(record: ChannelRecord) -> str:
     pins = ", ".join(f"{s} -> {v}" for s, v in sorted(record.pins.items())) or "none"
-    return (f"stable: {_or_none(record.stable)}  canary: {_or_none(record.canary)}  "
+    pinned = "" if record.stable_pin is None else " (pinned)"
+    return (f"stable: {_or_none(record.stable)}{pinned}  canary: {_or_none(record.canary)}  "
             f"rollback target: {_or_none(record.previous_stable)}  pins: {pins}")
 
 

@@ -1,10 +1,12 @@
 """The snapshot store: atomic versioned directories, the `stable` and `canary` channels, per-sandbox
-pins, a channel history, and retention that keeps whatever a channel, pin or rollback needs.
+pins, a pin that holds stable, a channel history, and retention that keeps whatever a channel, pin or
+rollback needs.
 
 A version directory is assembled under a hidden temp name and renamed into place, so a reader
 never sees a half-written snapshot (the layout is in streamdqn.snapshots.layout). Every write (publish,
-promote, demote, rollback, pin, unpin, prune) holds an flock on the store's lock file, so the daemon
-and the `streamdqn snapshots` commands can change one store at the same time. No torch here.
+promote, demote, rollback, pin, unpin, pin and unpin stable, prune) holds an flock on the store's lock
+file, so the daemon and the `streamdqn snapshots` commands can change one store at the same time. No
+torch here.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from streamdqn.snapshots.layout import (
     LATEST,
     MANIFEST_FILE,
     MODEL_FILE,
+    PINS_FILE,
     STABLE,
+    STABLE_PIN_FILE,
     Channel,
     is_version_number,
     latest_version,
@@ -72,6 +76,7 @@ class Snapshot:
     version: int
     path: Path
     manifest: Manifest
+    channel: Channel | None = None  # what publish pointed at it (None: none, or stable held by a pin)
 
 
 class SnapshotStore:
@@ -88,7 +93,8 @@ class SnapshotStore:
         # the lock: a live writer's temp directory is not a leftover).
         with store_lock(self.root):
             for stale in [*self.root.glob(".tmp-*"), *self.root.glob(".latest-*"),
-                          *self.root.glob(f"{POINTER_TEMP_PREFIX}*")]:
+                          *self.root.glob(f"{POINTER_TEMP_PREFIX}*"), *self.root.glob(f".{PINS_FILE}.*.tmp"),
+                          *self.root.glob(f".{STABLE_PIN_FILE}.*.tmp")]:
                 if stale.is_dir() and not stale.is_symlink():
                     shutil.rmtree(stale, ignore_errors=True)
                 else:
@@ -134,7 +140,8 @@ class SnapshotStore:
         reason: str = "",
     ) -> Snapshot:
         """Write a new version (its manifest gets version, sha256, created_at) and point `channel` at
-        it (None: publish without pointing any channel at it, e.g. a rejected candidate)."""
+        it (None: publish without pointing any channel at it, e.g. a rejected candidate). While stable
+        is pinned, a version published to stable is written but not pointed at (Snapshot.channel None)."""
         if channel is not None and channel not in CHANNELS:
             raise ValueError(f"unknown channel {channel!r}; channels are {', '.join(CHANNELS)}")
         with store_lock(self.root):
@@ -148,11 +155,13 @@ class SnapshotStore:
             if signer is not None:
                 value = signer.sign(signed_payload(manifest.as_dict()))
                 manifest = msgspec.structs.replace(manifest, signature=Signature(signer.algorithm, value))
+            if channel == STABLE and self._book.held_by_pin() is not None:
+                channel = None
             self._write_version(version, model, manifest)
             if channel is not None:
                 self._book.point(channel, version, "publish", actor, reason)
             self._prune_locked()
-        return Snapshot(version, self.path_of(version), manifest)
+        return Snapshot(version, self.path_of(version), manifest, channel)
 
     def _write_version(self, version: int, model: bytes, manifest: Manifest) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=self.root))
@@ -167,7 +176,8 @@ class SnapshotStore:
         fsync_dir(self.root)
 
     def promote(self, version: int | None = None, *, actor: str = "", reason: str = "") -> ChannelRecord:
-        """Point stable at the canary (clearing canary), or at `version` (clearing canary if it is)."""
+        """Point stable at the canary (clearing canary), or at `version` (clearing canary if it is);
+        refused while stable is pinned (SnapshotConflictError)."""
         with store_lock(self.root):
             self._book.settle(actor)
             self._book.promote(version, self.verify, actor, reason)
@@ -184,7 +194,8 @@ class SnapshotStore:
             return self._book.record()
 
     def rollback(self, to: int | None = None, *, actor: str = "", reason: str = "") -> ChannelRecord:
-        """Point stable at the previous stable of the history, or at `to`."""
+        """Point stable at the previous stable of the history, or at `to`; refused while stable is
+        pinned (SnapshotConflictError)."""
         with store_lock(self.root):
             self._book.settle(actor)
             self._book.rollback(to, self.verify, actor, reason)
@@ -203,6 +214,20 @@ class SnapshotStore:
     def unpin(self, sandbox_id: str, *, actor: str = "", reason: str = "") -> ChannelRecord:
         with store_lock(self.root):
             self._book.unpin(sandbox_id, actor, reason)
+            return self._book.record()
+
+    def pin_stable(self, version: int, *, actor: str = "", reason: str = "") -> ChannelRecord:
+        """Point stable at `version` (verified as rollback does) and hold it there: promotion and
+        publishing do not move it and rollback is refused until unpin_stable(). Pinning again moves it."""
+        with store_lock(self.root):
+            self._book.settle(actor)
+            self._book.pin_stable(version, self.verify, actor, reason)
+            return self._book.record()
+
+    def unpin_stable(self, *, actor: str = "", reason: str = "") -> ChannelRecord:
+        """Release stable: the next promotion or publish to stable moves it again."""
+        with store_lock(self.root):
+            self._book.unpin_stable(actor, reason)
             return self._book.record()
 
     def verify(self, version: int) -> None:

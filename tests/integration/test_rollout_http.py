@@ -132,7 +132,7 @@ def test_conditional_gets_per_channel_and_pins(store: SnapshotStore) -> None:
             async with s.get(f"{base}/snapshots/channels") as r:
                 assert r.status == 200
                 assert await r.json() == {"stable": 2, "canary": 3, "latest": 2, "previous_stable": 1,
-                                          "pins": {canary_id: 1}, "canary_fraction": 0.5}
+                                          "pins": {canary_id: 1}, "stable_pin": None, "canary_fraction": 0.5}
             store.unpin(canary_id)
             status, headers, _ = await latest(s, base, canary_id)
             assert headers["X-Snapshot-Channel"] == "canary"
@@ -219,6 +219,54 @@ def test_admin_changes_are_served_by_the_next_request(store: SnapshotStore) -> N
             assert (store.root / "channels.log").read_bytes() == before_log
         actors = {e.actor.split(" ")[0] for e in read_history(store.root) if e.action != "publish"}
         assert actors == {"http"}
+
+    run(test)
+
+
+def test_admin_pins_stable_refuses_rollback_while_pinned_and_unpins(store: SnapshotStore) -> None:
+    async def test() -> None:
+        async with serving(store.root, admin_token=ADMIN, canary_fraction=1.0) as base, \
+                aiohttp.ClientSession() as s:
+            _, before, _ = await latest(s, base)
+            status, body = await admin(s, base, "pin", {"version": 1, "reason": "incident"})
+            assert status == 200, body
+            channels = body["channels"]
+            assert (channels["stable"], channels["stable_pin"], body["sandbox_id"]) == (1, 1, None)
+            status, headers, answer = await latest(s, base, **{"If-None-Match": before["ETag"]})
+            assert (status, headers["X-Snapshot-Channel"]) == (200, "stable")
+            assert json.loads(answer)["version"] == 1
+            async with s.get(f"{base}/snapshots/channels") as r:
+                listed = await r.json()
+            assert (listed["stable"], listed["stable_pin"], listed["canary"]) == (1, 1, 3)
+
+            before_log = (store.root / "channels.log").read_bytes()
+            for action, body_sent, code, says in [
+                ("rollback", {}, 409, "stable is pinned to 1"),
+                ("rollback", {"to": 2}, 409, "stable is pinned to 1"),
+                ("promote", {}, 409, "stable is pinned to 1"),
+                ("pin", {"version": 99}, 422, "does not exist"),
+                ("pin", {}, 400, "needs"),
+                ("pin", {"version": "01"}, 400, "not a snapshot version"),
+            ]:
+                status, answer_body = await admin(s, base, action, body_sent)
+                assert (status, says in answer_body["error"]) == (code, True), (action, answer_body)
+            (store.path_of(2) / "model.onnx").write_bytes(b"tampered")
+            status, answer_body = await admin(s, base, "pin", {"version": 2})
+            assert (status, "corrupt" in answer_body["error"]) == (422, True)
+            assert (store.root / "channels.log").read_bytes() == before_log
+            assert (store.channels().stable, store.channels().stable_pin) == (1, 1)
+
+            # The canary can still be taken out; unpin releases stable, and a second unpin is a 409.
+            status, answer_body = await admin(s, base, "demote", {})
+            assert (status, answer_body["channels"]["stable_pin"]) == (200, 1)
+            status, answer_body = await admin(s, base, "unpin", {"reason": "resolved"})
+            channels = answer_body["channels"]
+            assert (status, channels["stable_pin"], channels["stable"]) == (200, None, 1)
+            status, answer_body = await admin(s, base, "unpin", {})
+            assert (status, "not pinned" in answer_body["error"]) == (409, True)
+        pins = [(e.action, e.version, e.from_version, e.reason) for e in read_history(store.root)
+                if e.channel == "stable" and e.action in ("pin", "unpin")]
+        assert pins == [("pin", 1, 2, "incident"), ("unpin", None, 1, "resolved")]
 
     run(test)
 

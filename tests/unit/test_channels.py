@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,14 @@ from streamdqn.errors import (
     SnapshotVerifyError,
 )
 from streamdqn.snapshots.channels import canary_bucket, in_canary_share, read_history, stable_lineage
-from streamdqn.snapshots.layout import HISTORY_FILE, LATEST, MODEL_FILE, PINS_FILE, channel_version
+from streamdqn.snapshots.layout import (
+    HISTORY_FILE,
+    LATEST,
+    MODEL_FILE,
+    PINS_FILE,
+    STABLE_PIN_FILE,
+    channel_version,
+)
 from streamdqn.snapshots.store import SnapshotStore
 from tests.factories import policy_info
 
@@ -48,7 +56,8 @@ def test_publish_points_the_named_channel_and_latest_follows_stable(tmp_path: Pa
     assert links(tmp_path) == {"stable": "1", "canary": "2", LATEST: "1"}
     record = store.channels()
     assert (record.stable, record.canary, record.previous_stable, record.pins) == (1, 2, None, {})
-    assert record.as_dict() == {"stable": 1, "canary": 2, "latest": 1, "previous_stable": None, "pins": {}}
+    assert record.as_dict() == {"stable": 1, "canary": 2, "latest": 1, "previous_stable": None, "pins": {},
+                                "stable_pin": None}
     assert store.latest_version() == 1
     assert store.read().version == 1
     history = read_history(tmp_path)
@@ -120,6 +129,98 @@ def test_pins_are_written_atomically_and_logged(tmp_path: Path) -> None:
     for bad in ("", " padded", "tab\there", "x" * 257):
         with pytest.raises(SnapshotError, match="sandbox id"):
             store.pin(bad, 1)
+
+
+def test_a_pinned_stable_is_held_against_promotion_publishing_and_rollback(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    for tag in "abc":
+        put(store, tag)  # stable 3, rollback target 2
+    record = store.pin_stable(1, actor="carol", reason="incident 42")
+    assert (record.stable, record.stable_pin, record.previous_stable) == (1, 1, 3)
+    assert links(tmp_path) == {"stable": "1", "canary": None, LATEST: "1"}
+    assert json.loads((tmp_path / STABLE_PIN_FILE).read_text())["version"] == 1
+    assert record.as_dict()["stable_pin"] == 1
+    pin = read_history(tmp_path)[-1]
+    assert (pin.action, pin.channel, pin.version, pin.from_version, pin.actor, pin.reason) == (
+        "pin", "stable", 1, 3, "carol", "incident 42")
+
+    # Publishing to stable writes the version but leaves stable where it is pinned.
+    held = store.publish(b"model d", policy_info())
+    assert (held.version, held.channel) == (4, None)
+    assert store.channels().stable == 1
+    canary = store.publish(b"model e", policy_info(), channel="canary")
+    assert (canary.version, canary.channel) == (5, "canary")
+    before = (links(tmp_path), (tmp_path / HISTORY_FILE).read_bytes())
+    refused: list[Callable[[], object]] = [store.promote, lambda: store.promote(4), store.rollback,
+                                          lambda: store.rollback(to=2)]
+    for change in refused:
+        with pytest.raises(SnapshotConflictError, match=r"stable is pinned to 1.*unpin"):
+            change()
+    assert (links(tmp_path), (tmp_path / HISTORY_FILE).read_bytes()) == before
+    # Demoting the canary still works; so does pinning another version (it moves the pin).
+    assert store.demote().canary is None
+    record = store.pin_stable(4)
+    assert (record.stable, record.stable_pin) == (4, 4)
+    assert store.pin_stable(4).stable_pin == 4  # pinning the pinned version again changes nothing
+
+    record = store.unpin_stable(reason="over")
+    assert (record.stable, record.stable_pin) == (4, None)
+    assert not (tmp_path / STABLE_PIN_FILE).exists()
+    unpin = read_history(tmp_path)[-1]
+    assert (unpin.action, unpin.channel, unpin.version, unpin.from_version) == ("unpin", "stable", None, 4)
+    with pytest.raises(SnapshotConflictError, match="stable is not pinned"):
+        store.unpin_stable()
+    # Released: rollback walks the lineage through the pins (4 <- 1 <- 3), publishing moves stable.
+    assert store.rollback().stable == 1
+    assert store.publish(b"model f", policy_info()).channel == "stable"
+    assert store.channels().stable == 6
+
+
+def test_pinning_stable_to_a_pinned_sandbox_version_and_a_sandbox_pin_are_independent(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    put(store, "a")
+    put(store, "b")
+    store.pin("sb-1", 1)
+    store.pin_stable(2)  # the version stable already serves: only the hold is added
+    record = store.channels()
+    assert (record.stable, record.stable_pin, record.pins) == (2, 2, {"sb-1": 1})
+    assert store.unpin("sb-1").stable_pin == 2
+    assert store.unpin_stable().pins == {}
+
+
+def test_a_stable_pin_to_an_unknown_or_corrupt_version_is_refused_and_nothing_changes(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    for tag in "abc":
+        put(store, tag)
+    (store.path_of(2) / MODEL_FILE).write_bytes(b"tampered")
+    (store.path_of(1) / "manifest.json").write_text("{")
+    before = (links(tmp_path), (tmp_path / HISTORY_FILE).read_bytes())
+    with pytest.raises(SnapshotNotFoundError, match="snapshot 99 does not exist"):
+        store.pin_stable(99)
+    with pytest.raises(SnapshotVerifyError, match="corrupt"):
+        store.pin_stable(2)
+    with pytest.raises(SnapshotError, match="manifest"):
+        store.pin_stable(1)
+    for not_a_version in (0, True, 10**12):
+        with pytest.raises(SnapshotNotFoundError, match="not a snapshot version"):
+            store.pin_stable(not_a_version)
+    assert (links(tmp_path), (tmp_path / HISTORY_FILE).read_bytes()) == before
+    assert not (tmp_path / STABLE_PIN_FILE).exists()
+
+
+def test_an_unreadable_stable_pin_holds_stable_and_says_which_file(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    put(store, "a")
+    put(store, "b", channel="canary")
+    for bad in (b"{", b'{"version": "1"}', b'{"version": 0}', b"[1]"):
+        (tmp_path / STABLE_PIN_FILE).write_bytes(bad)
+        with pytest.raises(SnapshotError, match=STABLE_PIN_FILE):
+            store.promote()
+        with pytest.raises(SnapshotError, match=STABLE_PIN_FILE):
+            store.publish(b"model c", policy_info())
+    assert store.versions() == [1, 2]
+    (tmp_path / STABLE_PIN_FILE).unlink()  # the message's remedy: removing it unpins stable
+    assert store.promote().stable == 2
 
 
 def test_unknown_pruned_corrupt_and_non_canonical_versions_are_refused_and_nothing_changes(
@@ -365,3 +466,43 @@ def test_cli_changes_the_store_and_refuses_bad_input(
     listing = json.loads(capsys.readouterr().out)
     assert [v["version"] for v in listing["versions"]] == [3, 2, 1]
     assert listing["versions"][1]["serves"] == ["stable"]
+
+
+def test_cli_pins_stable_refuses_rollback_while_pinned_and_unpins(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = SnapshotStore(tmp_path / "snapshots")
+    put(store, "a")
+    put(store, "b")
+    put(store, "c", channel="canary")
+    d = ["--state-dir", str(tmp_path)]
+    assert main(["snapshots", "pin", "1", *d, "--reason", "bad release"]) == 0
+    out = capsys.readouterr().out
+    assert "stable pinned to 1 (was 2)" in out
+    assert "stable: 1 (pinned)  canary: 3" in out
+    assert main(["snapshots", "list", *d]) == 0
+    out = capsys.readouterr().out
+    assert "stable (pinned)" in out
+    assert "pin      stable: 2 -> 1" in out
+    assert "(bad release)" in out
+    for refused in (["rollback"], ["rollback", "--to", "2"], ["promote"]):
+        assert main(["snapshots", *refused, *d]) == 1
+        assert "stable is pinned to 1" in capsys.readouterr().err
+    assert store.channels().stable == 1
+    assert main(["snapshots", "pin", "7", *d]) == 1
+    assert "snapshot 7 does not exist" in capsys.readouterr().err
+    assert main(["snapshots", "list", *d, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["channels"]["stable_pin"] == 1
+    # A sandbox pin is still its own thing, and does not release stable.
+    assert main(["snapshots", "pin", "3", "--sandbox-id", "sb-1", *d]) == 0
+    assert main(["snapshots", "unpin", "--sandbox-id", "sb-1", *d]) == 0
+    assert store.channels().stable_pin == 1
+    capsys.readouterr()
+    assert main(["snapshots", "unpin", *d, "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert (answer["action"], answer["channels"]["stable_pin"]) == ("unpin", None)
+    assert answer["channels"]["stable"] == 1
+    assert main(["snapshots", "unpin", *d]) == 1
+    assert "stable is not pinned" in capsys.readouterr().err
+    assert main(["snapshots", "promote", *d]) == 0
+    assert store.channels().stable == 3

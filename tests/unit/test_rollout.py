@@ -146,3 +146,63 @@ def test_rollout_promotes_and_demotes_in_the_store_and_announces(tmp_path: Path)
     assert announced.messages[-1]["event"] == "demoted"
     # Nothing more to judge: no canary.
     assert run_step(rollout) is None
+
+
+def test_a_pinned_stable_holds_promotion_logged_once_and_demotion_still_works(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SnapshotStore(tmp_path / "snapshots")
+    stable = publish_small(store, seed=1).version
+    canary = publish_small(store, seed=2, channel=CANARY).version
+    evidence = merged(
+        outcomes(str(stable), benign=100, false_positives=5, malicious=100, detected=90, mean_return=0.4),
+        outcomes(str(canary), benign=100, false_positives=4, malicious=100, detected=93, mean_return=0.42,
+                 seed=4),
+    )
+    store.pin_stable(stable, actor="operator")
+    announced = Announced()
+    rollout = Rollout(store, lambda: evidence, RULES, announced, traffic, interval_seconds=0.01)
+    with caplog.at_level("INFO", logger="streamdqn.daemon"):
+        decisions = [run_step(rollout) for _ in range(3)]
+    assert [getattr(d, "action", None) for d in decisions] == ["hold"] * 3
+    assert f"stable is pinned to {stable}" in str(getattr(decisions[0], "reason", ""))
+    held = [r for r in caplog.records if r.getMessage() == "canary promotion held: stable is pinned"]
+    assert len(held) == 1
+    assert (store.channels().stable, store.channels().canary) == (stable, canary)
+    assert (rollout.promoted, announced.messages) == (0, [])
+
+    # A bad canary is still demoted while stable is pinned, and the pin stays.
+    bad = publish_small(store, seed=3, channel=CANARY).version
+    evidence.versions.update(outcomes(str(bad), benign=30, false_positives=20, malicious=0, detected=0,
+                                      mean_return=-0.5).versions)
+    assert getattr(run_step(rollout), "action", None) == "demote"
+    record = store.channels()
+    assert (record.stable, record.canary, record.stable_pin) == (stable, None, stable)
+
+    # Unpinned, the next good canary is promoted.
+    good = publish_small(store, seed=4, channel=CANARY).version
+    evidence.versions.update(outcomes(str(good), benign=100, false_positives=4, malicious=100, detected=93,
+                                      mean_return=0.42, seed=5).versions)
+    store.unpin_stable()
+    assert getattr(run_step(rollout), "action", None) == "promote"
+    assert store.channels().stable == good
+
+
+def test_a_pin_taken_between_the_judgement_and_the_promotion_wins(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path / "snapshots")
+    stable = publish_small(store, seed=1).version
+    canary = publish_small(store, seed=2, channel=CANARY).version
+    evidence = merged(
+        outcomes(str(stable), benign=100, false_positives=5, malicious=100, detected=90, mean_return=0.4),
+        outcomes(str(canary), benign=100, false_positives=4, malicious=100, detected=93, mean_return=0.42,
+                 seed=4),
+    )
+
+    def pin_then_report() -> PolicyOutcomes:
+        store.pin_stable(stable, actor="operator")  # the operator pins while the rollout is judging
+        return evidence
+
+    rollout = Rollout(store, pin_then_report, RULES, Announced(), traffic, interval_seconds=0.01)
+    assert run_step(rollout) is None  # the store refused the promotion under its lock
+    record = store.channels()
+    assert (record.stable, record.canary, record.stable_pin, rollout.promoted) == (stable, canary, stable, 0)
