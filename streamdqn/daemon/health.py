@@ -89,6 +89,7 @@ class HealthView:
             policy_episodes={(version, outcome): n for version, stats in pipeline.outcomes.versions.items()
                              for outcome, n in stats.counts.items()},
             channels={"stable": channels.stable or 0, "canary": channels.canary or 0},
+            stable_pinned=channels.stable_pin or 0,
             channel_changes={"promoted": self.rollout.promoted, "demoted": self.rollout.demoted},
             feature_drift={name: float(v) for name, v in zip(FEATURE_NAMES, self.rollout.drift.psi,
                                                              strict=True)},

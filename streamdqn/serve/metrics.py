@@ -58,6 +58,7 @@ class MetricsSnapshot:
     build: dict[str, str] = field(default_factory=dict)
     policy_episodes: dict[tuple[str, str], int] = field(default_factory=dict)  # (version, outcome)
     channels: dict[str, int] = field(default_factory=dict)  # channel -> version (0: none)
+    stable_pinned: int = 0  # the version stable is pinned to (0: not pinned)
     channel_changes: dict[str, int] = field(default_factory=dict)  # promoted / demoted
     feature_drift: dict[str, float] = field(default_factory=dict)  # feature -> PSI
     action_share: dict[str, float] = field(default_factory=dict)  # the stable policy's, on recent traffic
@@ -156,6 +157,8 @@ class _SnapshotCollector(Collector):
         yield outcomes
         yield labelled_gauge("channel_version", "Snapshot version each channel serves (0: none).", "channel",
                              s.channels)
+        yield gauge("stable_pinned_version", "Version an operator pinned stable to (0: none).",
+                    s.stable_pinned)
         yield labelled_counter("channel_changes", "Canary promotions and demotions by the rollout.",
                                "action", {"promoted": 0, "demoted": 0, **s.channel_changes})
         yield labelled_gauge("feature_drift_psi",

@@ -87,6 +87,7 @@ _GAUGES = [
     "partitions_assigned",
     "build_info",
     "channel_version",
+    "stable_pinned_version",
     "feature_drift_psi",
     "feature_drift_psi_max",
     "policy_action_share",
