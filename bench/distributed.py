@@ -15,12 +15,14 @@ per rank, aggregate samples/s over the ranks, both as ratios to 1 process; the h
 (the all-reduce plus waiting for the slower rank); and a bare all-reduce of the same bucket, back to
 back, for the communication cost alone. At the end the ranks' weight hashes must agree.
 
-On a 2-core machine 2 ranks cannot scale much, but "2 processes, no group" shows that the cores are
-not what limits them: measured quiet on 2 cores (2026-12-02), two plain processes ran at 2.0x one,
-while 2 ranks reached 0.33x per rank, 0.67x aggregate. Gloo's all-reduce here costs ~1.2-1.6 ms
-whatever the size (1 KiB as much as 293 KiB; a raw TCP round trip on the same loopback is ~70 us), and
-an update of this MLP at batch 64 takes ~1.3 ms: the collective's latency, not bandwidth or compute,
-sets the rate. Larger batches per rank amortize it; so would NCCL on GPUs (not measured here).
+On a 2-core machine 2 ranks cannot scale much; "2 processes, no group" shows what sharing the cores
+alone costs. Measured quiet on 2 cores (2026-12-02, gradient all-reduce only) two plain processes ran
+at 2.0x one, 2 ranks at 0.67x aggregate; with the step together added (as the daemon runs it), under
+30-41 % CPU pressure from other work: 2 plain processes 0.97x, 2 ranks 0.71x aggregate. Gloo's
+all-reduce here costs ~1.2-1.6 ms whatever the size (1 KiB as much as 293 KiB; a raw TCP round trip on
+the same loopback is ~70 us), as much as an update of this MLP at batch 64: the collectives' latency,
+not bandwidth or compute, sets the rate. Larger batches per rank amortize it; so would NCCL on GPUs
+(not measured here).
 
     python bench/distributed.py [--smoke]
 The last line is one JSON object.
