@@ -13,9 +13,13 @@ after a second (a rank whose group failed exits 76 after distributed.timeout_sec
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import subprocess
+import sys
 import time
+import urllib.error
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -40,6 +44,14 @@ RANK_SETTINGS: dict[str, dict[str, object]] = {
 }
 EXIT_GROUP_LOST = 76
 TANSU_SETTLE_SECONDS = 5.0
+
+
+def readyz(daemon: DaemonProcess) -> dict[str, object]:
+    """/readyz's details; a 503 (not ready yet) still carries them."""
+    try:
+        return dict(json.loads(daemon.get("/readyz")))
+    except urllib.error.HTTPError as e:
+        return dict(json.loads(e.read()))
 
 
 class Ranks:
@@ -103,16 +115,7 @@ class Ranks:
         return int(sum(d.metric("streamdqn_events_consumed_total") for d in self.daemons))
 
     def ready(self) -> list[dict[str, object]]:
-        out = []
-        for d in self.daemons:
-            try:
-                out.append(json.loads(d.get("/readyz")))
-            except OSError as e:  # a 503 still has the details
-                body = getattr(e, "read", None)
-                if body is None:
-                    raise
-                out.append(json.loads(body()))
-        return out
+        return [readyz(d) for d in self.daemons]
 
     def assigned(self) -> bool:
         """Every rank holds some of the partitions (the group's rebalance has settled)."""
@@ -218,3 +221,51 @@ def test_a_killed_rank_and_a_rank_that_leaves_and_returns_lose_and_double_nothin
     ranks.wait(lambda: agreeing_weights(ranks, seen), 120, "the ranks' weights to agree again")
     time.sleep(2.0)  # a late double count would show here
     assert ranks.consumed() == len(events)
+
+
+def test_torchrun_hands_out_the_ranks_and_ports(topics: Topics, tmp_path: Path) -> None:
+    """One configuration for both ranks (world_size left at 1): torchrun's agent serves the rendezvous
+    and sets RANK/WORLD_SIZE; local rank r serves HTTP on http.port + r."""
+    events = sim_events(12, seed=47, sandboxes=8)
+    base = free_port()
+    while not port_free(base + 1):
+        base = free_port()
+    config = write_config(tmp_path / "torchrun.toml", topics, tmp_path / "state", base, **RANK_SETTINGS)
+    log = open(tmp_path / "torchrun.log", "ab")  # noqa: SIM115 - the child owns it
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+         "--master-port", str(free_port()), "--max-restarts", "0", "-m", "streamdqn", "run", "--config",
+         str(config)],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    log.close()
+    daemons = [DaemonProcess(config, tmp_path / "state", base + r, tmp_path / "torchrun.log", process=agent)
+               for r in range(2)]
+    try:
+        for d in daemons:
+            d.wait_http()
+        first = daemons[0]
+        first.wait_for(lambda: all(d.metric("streamdqn_partitions_assigned") > 0 for d in daemons), 60,
+                       "both ranks assigned partitions")
+        produce(topics.bootstrap, topics.telemetry, encode_events(events))
+        first.wait_for(lambda: sum(d.metric("streamdqn_events_consumed_total") for d in daemons)
+                       == len(events), 90, "every event consumed once")
+        ready = [readyz(d) for d in daemons]
+        assert [r["rank"] for r in ready] == [0, 1] and {r["world_size"] for r in ready} == {2}
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait(timeout=10)
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
