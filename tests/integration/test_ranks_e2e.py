@@ -143,8 +143,12 @@ def ranks(topics: Topics, tmp_path: Path) -> Iterator[Ranks]:
 
 
 def agreeing_weights(ranks: Ranks, seen: dict[str, object]) -> bool:
+    return agreeing_weights_of(ranks.daemons, seen)
+
+
+def agreeing_weights_of(daemons: list[DaemonProcess], seen: dict[str, object]) -> bool:
     """Every rank reports the same update count and weight hash twice in a row (updates have stopped)."""
-    ready = ranks.ready()
+    ready = [readyz(d) for d in daemons]
     key = [(r["updates"], r["weights_sha256"]) for r in ready]
     same = len(set(key)) == 1 and int(ready[0]["updates"]) > 0  # type: ignore[call-overload]
     stable = same and seen.get("last") == key
@@ -230,7 +234,9 @@ def test_torchrun_hands_out_the_ranks_and_ports(topics: Topics, tmp_path: Path) 
     base = free_port()
     while not port_free(base + 1):
         base = free_port()
-    config = write_config(tmp_path / "torchrun.toml", topics, tmp_path / "state", base, **RANK_SETTINGS)
+    # The default learner mode here (the other tests use a thread): each rank's learner process joins.
+    sections = {**RANK_SETTINGS, "learner": {**RANK_SETTINGS["learner"], "mode": "process"}}
+    config = write_config(tmp_path / "torchrun.toml", topics, tmp_path / "state", base, **sections)
     log = open(tmp_path / "torchrun.log", "ab")  # noqa: SIM115 - the child owns it
     agent = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
@@ -253,6 +259,8 @@ def test_torchrun_hands_out_the_ranks_and_ports(topics: Topics, tmp_path: Path) 
                        == len(events), 90, "every event consumed once")
         ready = [readyz(d) for d in daemons]
         assert [r["rank"] for r in ready] == [0, 1] and {r["world_size"] for r in ready} == {2}
+        seen: dict[str, object] = {}
+        first.wait_for(lambda: agreeing_weights_of(daemons, seen), 90, "the ranks' weights to agree")
     finally:
         agent.send_signal(signal.SIGTERM)
         try:
