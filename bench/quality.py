@@ -525,8 +525,10 @@ def _print_verdict(summary: Summary, judged: dict[str, Any], smoke: bool) -> Non
         print(f"quality target: {'MET' if judged['target_met'] else 'NOT MET'}")
 
 
-def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Run every seed of every variant; print the tables and the verdict; return the JSON results."""
+def run(args: argparse.Namespace, workdir: Path, version: str | None) -> dict[str, Any]:
+    """Run every seed of every variant; print the tables and the verdict; return the JSON results.
+
+    `version` is the code's (code_version()), read before anything ran."""
     rewards = RewardTable()
     base = SMOKE if args.smoke else FULL
     if args.train_file is not None:
@@ -572,7 +574,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "bench": "quality",
         "smoke": args.smoke,
         "ablation": args.ablation,
-        "code_version": code_version(),
+        "code_version": version,
         "data": _data_name(args),
         "seeds": list(args.seeds),
         "device": args.device,
@@ -628,13 +630,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.combine is not None:
         print(json.dumps(combine(args.combine), allow_nan=False))
         return 0
+    version = code_version()  # now: the tree may change while a long run goes on
+    print(f"code version: {version}")
     started = time.perf_counter()
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        results = run(args, args.workdir)
+        results = run(args, args.workdir, version)
     else:
         with tempfile.TemporaryDirectory(prefix="streamdqn-quality-") as tmp:
-            results = run(args, Path(tmp))
+            results = run(args, Path(tmp), version)
     results["command"] = command
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     print(f"wall time {results['wall_seconds']:.0f} s")
