@@ -438,9 +438,10 @@ def ablation_table(variants: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def print_ablation(variants: list[dict[str, Any]], seeds: Sequence[int], data: str) -> None:
+def print_ablation(variants: list[dict[str, Any]], seeds: Sequence[int], data: str, runs: int = 1) -> None:
+    where = "in this run" if runs == 1 else f"in {runs} separate runs: compare with care"
     print(f"ablation on {data}, seeds {','.join(map(str, seeds))}: median [min, max] over the seeds; "
-          "training time: wall, on this machine in this run")
+          f"training time: wall, on this machine {where}")
     print()
     for line in ablation_table(variants):
         print(line)
@@ -614,11 +615,14 @@ def combine(paths: Sequence[Path]) -> dict[str, Any]:
     if runs[0].get("code_version") is None or str(runs[0]["code_version"]).endswith("-dirty"):
         print(f"warning: code version {runs[0].get('code_version')}: not one clean commit")
     variants = [v for r in runs for v in r["variants"]]
+    names = [v["name"] for v in variants]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"a variant appears twice in these runs: {', '.join(names)}")
     shared = [{n: s["mean_return"] for n, s in r["summary"].items() if n != SNAPSHOT_POLICY} for r in runs]
     if any(s != shared[0] for s in shared):
         print("warning: the references and baselines differ between these runs; the table shows the first's")
     print(f"command(s): {'; '.join(r.get('command', '?') for r in runs)}")
-    print_ablation(variants, runs[0]["seeds"], runs[0]["data"])
+    print_ablation(variants, runs[0]["seeds"], runs[0]["data"], len(runs))
     return {"bench": "quality", "combined": [str(p) for p in paths], "code_version": runs[0]["code_version"],
             "data": runs[0]["data"], "seeds": runs[0]["seeds"], "variants": variants}
 
