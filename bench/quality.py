@@ -53,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -356,8 +356,9 @@ def _print_columns(rows: list[tuple[str, ...]]) -> None:
 
 
 def print_summary(summary: Summary, seeds: tuple[int, ...]) -> None:
-    rows = [("policy", "mean return median", "min..max", "detection", "false pos median", "min..max",
-             "steps to response", "fit time")]
+    header = ("policy", "mean return median", "min..max", "detection", "false pos median", "min..max",
+              "steps to response", "fit time")
+    rows: list[tuple[str, ...]] = [header]
     for name, s in summary.items():
         r, fp = s["mean_return"], s["false_positive_rate"]
         rows.append((
@@ -376,7 +377,8 @@ def print_seed_table(seed: int, results: dict[str, SeedResult]) -> None:
     episodes = first.report.evaluation_episodes
     malicious = first.metrics[ORACLE].malicious_episodes
     print(f"== seed {seed}: {episodes} held-out evaluation episodes ({malicious} malicious)")
-    rows = [("policy", "mean return", "detection", "false pos", "steps to response", "fit time")]
+    rows: list[tuple[str, ...]] = [
+        ("policy", "mean return", "detection", "false pos", "steps to response", "fit time")]
 
     def row(label: str, m: Metrics, seconds: float | None) -> tuple[str, ...]:
         return (label, f"{m.mean_return:+.4f}", _percent(m.detection_rate), _percent(m.false_positive_rate),
@@ -398,7 +400,7 @@ def _cell(spread: Spread, show: str) -> str:
     """median [min, max] in a measure's format; one value when the seeds agree."""
     if spread["median"] is None:
         return "-"
-    formats = {
+    formats: dict[str, Callable[[float], str]] = {
         "return": lambda v: f"{v:+.3f}", "percent": lambda v: f"{100 * v:.1f}",
         "steps": lambda v: f"{v:.2f}", "seconds": lambda v: f"{v:.0f}",
     }
