@@ -1,4 +1,4 @@
-"""How `pytest -n N` hands tests to its workers.
+"""Test-session configuration: how `pytest -n N` hands tests to its workers, and Hypothesis profiles.
 
 Some integration tests share one expensive fixture: the security tests' fleet of daemons (module
 scope) and a daemon that has learned and published (`live_daemon`, session scope). Spread over the
@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import pytest
 from xdist.scheduler import LoadScopeScheduling
+
+# Registers the `coverage` Hypothesis profile before the hypothesis plugin loads the one that
+# --hypothesis-profile names.
+import tests.property.examples  # noqa: F401
 
 # Node-id prefix -> the shared fixture its tests use (tests/integration/conftest.py, test_security.py).
 SHARED_FIXTURE_USERS = {
