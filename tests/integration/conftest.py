@@ -117,9 +117,12 @@ def produce(bootstrap: str, topic: str, messages: Sequence[Message]) -> None:
 
 
 def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 30.0) -> list[object]:
+    """Every record of `topic` from its beginning: until `expected` have come, then a second longer."""
+
     async def run() -> list[object]:
-        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap,
-                                    group_id=f"check-{uuid.uuid4().hex[:8]}",
+        # No consumer group: the consumer is given every partition at once, instead of waiting for a
+        # group join (5 s on tansu, half of aiokafka's session timeout).
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
                                     auto_offset_reset="earliest", enable_auto_commit=False)
         await consumer.start()
         out: list[object] = []
@@ -205,6 +208,15 @@ class DaemonProcess:
 
     def rejected_total(self) -> float:
         return sum(v for k, v in self.metrics().items() if k.startswith("streamdqn_events_rejected_total{"))
+
+    def caught_up(self) -> bool:
+        """Whether the daemon has read to the end of every partition it is assigned: each has a
+        consumer-lag sample (a fetch has answered for it) and all are 0. Then nothing is left that it
+        could still count, and a count can be checked without waiting a while to see it go on."""
+        m = self.metrics()
+        lags = [v for k, v in m.items() if k.startswith("streamdqn_consumer_lag{")]
+        assigned = m.get("streamdqn_partitions_assigned", 0.0)
+        return assigned > 0 and len(lags) >= assigned and not any(lags)
 
     def wait_for(self, predicate: object, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -309,6 +321,11 @@ def make_daemon(tmp_path: Path) -> Iterator[object]:
 # ---------------------------------------------------------------- a daemon that has learned and published
 
 
+# Publish intervals of the live daemon: short, so that test_an_idle_stream_exports_nothing_new can
+# watch a few of them go by without a new snapshot.
+LIVE_PUBLISH_INTERVAL = 1.0
+
+
 @pytest.fixture(scope="session")
 def live_daemon(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     tmp = tmp_path_factory.mktemp("live")
@@ -317,7 +334,8 @@ def live_daemon(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) 
     events = [{**e, "policy_version": "1"} if i % 2 else e for i, e in enumerate(sim_events(40, seed=11))]
     produce(t.bootstrap, t.telemetry, [*encode_events(events), Message(b"\x00not telemetry")])
     port = free_port()
-    config = write_config(tmp / "streamdqn.toml", t, tmp / "state", port)
+    config = write_config(tmp / "streamdqn.toml", t, tmp / "state", port,
+                          publish={"interval_seconds": LIVE_PUBLISH_INTERVAL})
     daemon = DaemonProcess(config, tmp / "state", port, tmp / "daemon.log").start()
     try:
         daemon.wait_for(lambda: daemon.metric("streamdqn_snapshot_version") >= 1, 120, "a published snapshot")

@@ -15,7 +15,15 @@ import onnxruntime as ort
 import pytest
 
 from streamdqn.client.pull import pull
-from tests.integration.conftest import DaemonProcess, Message, consume_all, encode_events, produce, sim_events
+from tests.integration.conftest import (
+    LIVE_PUBLISH_INTERVAL,
+    DaemonProcess,
+    Message,
+    consume_all,
+    encode_events,
+    produce,
+    sim_events,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -116,15 +124,13 @@ def test_learns_dead_letters_publishes_stops_and_resumes(topics, make_daemon, tm
 
     # Restart: the restored count is exact, nothing is read twice, and new events are counted once.
     daemon.start()
-    daemon.wait_for(lambda: daemon.metric("streamdqn_partitions_assigned") > 0, 60, "assignment")
-    time.sleep(3)
+    daemon.wait_for(daemon.caught_up, 60, "assignment and a read to the end of each partition")
     assert daemon.metric("streamdqn_events_consumed_total") == valid
     assert daemon.rejected_total() == rejected
     more = shift_episodes(sim_events(10, seed=4), 10_000)
     produce(topics.bootstrap, topics.telemetry, encode_events(more))
-    daemon.wait_for(lambda: daemon.metric("streamdqn_events_consumed_total") == valid + len(more), 60,
-                    "the second batch")
-    time.sleep(2)
+    daemon.wait_for(lambda: daemon.metric("streamdqn_events_consumed_total") >= valid + len(more)
+                    and daemon.caught_up(), 60, "the second batch")
     assert daemon.metric("streamdqn_events_consumed_total") == valid + len(more)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit(35) == 0
@@ -143,8 +149,8 @@ def test_sigkill_resumes_from_checkpointed_offsets(topics, make_daemon) -> None:
     produce(topics.bootstrap, topics.telemetry, encode_events(more))
     daemon.start()
     total = len(events) + len(more)
-    daemon.wait_for(lambda: daemon.metric("streamdqn_events_consumed_total") >= total, 90, "every event")
-    time.sleep(2)
+    daemon.wait_for(lambda: daemon.metric("streamdqn_events_consumed_total") >= total and daemon.caught_up(),
+                    90, "every event")
     assert daemon.metric("streamdqn_events_consumed_total") == total
     assert daemon.rejected_total() == 0
 
@@ -181,7 +187,7 @@ def test_an_idle_stream_exports_nothing_new(live_daemon: DaemonProcess) -> None:
         m = d.metrics()
         return m["streamdqn_learner_updates_total"], m["streamdqn_events_consumed_total"]
 
-    interval = 3.0  # write_config's publish.interval_seconds
+    interval = LIVE_PUBLISH_INTERVAL
     previous, deadline = progress(), time.monotonic() + 90
     while True:  # until the learner has caught up with what was consumed
         time.sleep(interval + 1)

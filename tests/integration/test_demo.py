@@ -15,8 +15,8 @@ pytestmark = pytest.mark.integration
 def test_demo_runs_learns_publishes_and_stops_everything(tmp_path: Path) -> None:
     state = tmp_path / "state"
     done = subprocess.run(
-        [sys.executable, "-m", "streamdqn", "demo", "--duration", "30", "--rate", "300", "--port", "0",
-         "--publish-interval", "5", "--state-dir", str(state), "--quiet"],
+        [sys.executable, "-m", "streamdqn", "demo", "--duration", "15", "--rate", "300", "--port", "0",
+         "--publish-interval", "3", "--state-dir", str(state), "--quiet"],
         capture_output=True, text=True, timeout=150, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from streamdqn.kafka.broker import free_port, wait_for_port
-from tests.integration.conftest import encode_events, produce, sim_events
+from tests.integration.conftest import FAST, encode_events, produce, sim_events
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,9 @@ def test_prometheus_scrapes_ingest_rate_and_snapshot_version(topics, make_daemon
         if os.environ.get("CI"):
             pytest.fail("prometheus is missing: apt-get install prometheus")
         pytest.skip("prometheus is not installed (apt-get install prometheus)")
-    daemon = make_daemon(topics).start()
+    # The learner thread (FAST): where the learner runs is not what this test is about, and the
+    # process learner's second torch import and its stop cost seconds.
+    daemon = make_daemon(topics, **FAST).start()
     events = sim_events(60, seed=21)
     messages = encode_events(events)
     # A steady trickle, so that the ingest rate Prometheus computes is above zero.

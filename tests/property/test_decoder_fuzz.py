@@ -25,6 +25,7 @@ from streamdqn.stream.wire import (
     raw_matrix,
 )
 from tests.factories import valid_event_dicts
+from tests.property.examples import examples
 
 REASONS = {REASON_DECODE, REASON_SHAPE, REASON_TOO_LARGE, REASON_TOO_MANY, REASON_VALIDATION}
 MAX_BYTES = 64 * 1024
@@ -87,7 +88,7 @@ def _check(decoded: Decoded, payload: bytes) -> None:
         assert e.action is None or 0 <= e.action <= 4
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.binary(max_size=2048), st.sampled_from([None, "application/json", "application/msgpack", "text/plain"])
 )
@@ -95,7 +96,7 @@ def test_arbitrary_bytes_never_raise(payload: bytes, content_type: str | None) -
     _check(decode(payload, content_type, max_bytes=MAX_BYTES, max_events=MAX_EVENTS), payload)
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_messages, st.sampled_from(["json", "msgpack"]), st.booleans(), st.data())
 def test_structured_and_truncated_messages_never_raise(
     message: object, fmt: str, with_content_type: bool, data: st.DataObject
@@ -109,7 +110,7 @@ def test_structured_and_truncated_messages_never_raise(
     _check(decode(payload, content_type, max_bytes=MAX_BYTES, max_events=MAX_EVENTS), payload)
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(500), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.one_of(st.binary(max_size=512), _messages), st.sampled_from(["json", "msgpack"]),
                           st.booleans()), max_size=8))
 def test_the_batch_fast_path_never_raises_and_accounts_for_every_record(

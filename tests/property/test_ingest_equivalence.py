@@ -22,6 +22,7 @@ from streamdqn.stream.rewards import RewardTable
 from streamdqn.stream.rows import ReplayRows, episode_hash
 from streamdqn.stream.sources import Record
 from tests.factories import activity
+from tests.property.examples import examples
 from tests.reference import ReferenceTracker, reference_decode
 
 MAX_BYTES, MAX_EVENTS = 4096, 6
@@ -128,7 +129,7 @@ def _fields(detail: str) -> set[str]:
     return {m.group(1).split(".")[0] for m in re.finditer(r"(?:^|; )(?:\[\d+\] )?([\w.]+):", detail)}
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(streams(), st.sampled_from([1, 3]))
 def test_the_columnar_stage_equals_the_per_record_reference(stream: tuple[list[Record], list[int]],
                                                             n_steps: int) -> None:

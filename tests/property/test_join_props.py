@@ -19,6 +19,7 @@ from streamdqn.stream.rewards import RewardTable
 from streamdqn.stream.rows import ReplayRows, relabel_rewards
 from streamdqn.stream.sources import Record
 from tests.factories import activity
+from tests.property.examples import examples
 
 GAMMA = 0.95
 TABLE = RewardTable()
@@ -82,7 +83,7 @@ def _record(topic: str, offset: int, value: dict[str, Any]) -> Record:
     return Record(topic, 0, offset, json.dumps(value).encode())
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario(), st.data())
 def test_any_interleaving_of_events_and_verdicts_learns_what_inline_labels_teach(
     case: tuple[list[list[dict[str, Any]]], list[tuple[bool, float]]], data: st.DataObject

@@ -84,6 +84,9 @@ class Running:
 async def start(settings: Settings, records: Sequence[Record]) -> Running:
     source, sink = MemorySource(records), MemorySink()
     server = await asyncio.to_thread(build, settings, source, sink)
+    # Waits expire in a pass every 5 s (not a setting); more often here, so that a test sees an expiry
+    # without waiting seconds for it.
+    server.ingestor.expire_every_seconds = 0.5
     return Running(server, asyncio.create_task(server.serve()), source, sink)
 
 
