@@ -185,7 +185,7 @@ def test_two_ranks_learn_one_policy_count_once_and_rank0_publishes(ranks: Ranks,
     assert out[0].shape == (3, 5)
 
 
-# Opt-in: against the embedded broker this passed 2 of 4 runs. One failure is tansu's (a group whose members
+# Opt-in: against the embedded broker this passed 1 of 4 runs (1 of 2 since the settle wait). One failure is tansu's (a group whose members
 # all leave within a second of a rebalance stays wedged for minutes; reproduced with bare aiokafka
 # consumers, hence the settle wait below); in the other, a rank assigned two partitions after the restarts
 # fetched nothing for 120 s (its watchdog exited 75), cause not found. Run it with a real Kafka
