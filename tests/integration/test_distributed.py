@@ -459,7 +459,9 @@ def test_members_under_torchrun_join_its_agents_store_and_agree() -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # Found anywhere in a line: the two workers share torchrun's stdout.
-    members = sorted(re.findall(r"member rank=(\d+) agent_store=(\w+) sha256=(\w+)", done.stdout))
+    # A hash is exactly 64 hex digits: two lines printed at once must not run together into one match.
+    pattern = r"member rank=(\d+) agent_store=(True|False) sha256=([0-9a-f]{64})"
+    members = sorted(re.findall(pattern, done.stdout))
     assert [m[:2] for m in members] == [("0", "True"), ("1", "True")], done.stdout + done.stderr[-3000:]
     assert members[0][2] == members[1][2]
 
