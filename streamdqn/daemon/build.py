@@ -19,7 +19,7 @@ from streamdqn.config import Settings
 from streamdqn.daemon.checkpointer import Checkpointer
 from streamdqn.daemon.health import HealthView
 from streamdqn.daemon.ingestor import Backpressure, Ingestor
-from streamdqn.daemon.publisher import Learned, Publisher
+from streamdqn.daemon.publisher import Publisher
 from streamdqn.daemon.ranks import Role, StateLayout, group_settings, http_port
 from streamdqn.daemon.rollout import RecentTraffic, Rollout, RolloutRules
 from streamdqn.daemon.sdnotify import SystemdNotifier
@@ -183,16 +183,12 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
     )
     snapshots = SnapshotStore(layout.snapshots, keep=s.publish.keep)
 
-    def group_learned() -> Learned:
-        counts = runner.group_counts()
-        return Learned(counts.events, counts.transitions, counts.normalizer_count)
-
     publisher = Publisher(
         snapshots, SnapshotStore(layout.rejected, keep=s.publish.keep), runner, ingestor,
         _gate(s), learning, rewards, interval_seconds=s.publish.interval_seconds,
         min_updates=s.publish.min_updates, device=str(device), signer=signer,
         snapshot_topic=bool(s.kafka.snapshot_topic), base_url=lambda: base_url(s, server.http_port),
-        canary=s.rollout.canary_fraction > 0, counts=None if role.alone else group_learned,
+        canary=s.rollout.canary_fraction > 0, counts=None if role.alone else runner.group_counts,
         active=role.publishes, observe_seconds=lambda t: metrics.snapshot_export_seconds.observe(t),
     )
     checkpointer = Checkpointer(

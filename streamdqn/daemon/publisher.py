@@ -19,7 +19,7 @@ import torch
 
 from streamdqn.daemon.ingestor import BROKER_CALL_TIMEOUT_SECONDS, Ingestor, describe_broker_error
 from streamdqn.learning.model import QNetwork
-from streamdqn.learning.runners import LearnerRunner
+from streamdqn.learning.runners import LearnedCounts, LearnerRunner
 from streamdqn.learning.settings import LearnerSettings
 from streamdqn.logs import log_event
 from streamdqn.snapshots.export import Provenance, publish_snapshot
@@ -44,15 +44,6 @@ class PublishedState:
     failures: int = 0
 
 
-@dataclass(frozen=True)
-class Learned:
-    """What a snapshot was learned from (its manifest's counts)."""
-
-    events: int
-    transitions: int
-    normalizer_count: float
-
-
 class Publisher:
     def __init__(
         self,
@@ -71,7 +62,7 @@ class Publisher:
         snapshot_topic: bool,
         base_url: Callable[[], str],
         canary: bool = False,
-        counts: Callable[[], Learned] | None = None,
+        counts: Callable[[], LearnedCounts] | None = None,
         active: bool = True,
         observe_seconds: Callable[[float], None] = lambda s: None,
     ) -> None:
@@ -110,10 +101,10 @@ class Publisher:
             await asyncio.sleep(self.interval_seconds)
             await self.publish()
 
-    def _own_counts(self) -> Learned:
+    def _own_counts(self) -> LearnedCounts:
         pipeline = self.ingestor.pipeline
         c = pipeline.counters
-        return Learned(c.events_consumed, c.transitions, pipeline.normalizer.count)
+        return LearnedCounts(c.events_consumed, c.transitions, pipeline.normalizer.count)
 
     async def publish(self, *, final: bool = False) -> bool:
         stats = self.runner.stats()

@@ -41,9 +41,8 @@ log = logging.getLogger(__name__)
 # Layout of the shared control vector (float64). The _GROUP_ slots hold the sums over a data-parallel
 # group's ranks (streamdqn.learning.distributed), refreshed by the learner at every step together.
 (_INSERTED, _STOP, _UPDATES, _LOSS, _TD, _QMAX, _HEARTBEAT, _WEIGHTS_VERSION, _NORM_VERSION,
- _FAILED, _EVENTS, _NORM_COUNT, _GROUP_EVENTS, _GROUP_TRANSITIONS, _GROUP_NORM_COUNT,
- _GROUP_STEPS) = range(16)
-_CONTROL_LEN = 16
+ _FAILED, _EVENTS, _NORM_COUNT, _GROUP_EVENTS, _GROUP_TRANSITIONS, _GROUP_NORM_COUNT) = range(15)
+_CONTROL_LEN = 15
 # What _FAILED holds once the learner has stopped on an error.
 _FAILED_ERROR, _FAILED_GROUP = 1.0, 2.0
 # How long a learner of a group waits before asking its peers again when one of them cannot update yet:
@@ -73,13 +72,12 @@ class LearnerStats(NamedTuple):
     weights_version: int
 
 
-class GroupCounts(NamedTuple):
-    """A group's sums over its ranks, as of the learners' last step together."""
+class LearnedCounts(NamedTuple):
+    """What a network was learned from: one daemon's counts, or a group's sums over its ranks."""
 
     events: int
     transitions: int
     normalizer_count: float
-    steps: int  # steps together so far (0: the group has not assembled yet)
 
 
 class LearnerRunner(Protocol):
@@ -88,7 +86,7 @@ class LearnerRunner(Protocol):
     def alive(self) -> bool: ...
     def left_group(self) -> bool: ...
     def stats(self) -> LearnerStats: ...
-    def group_counts(self) -> GroupCounts: ...
+    def group_counts(self) -> LearnedCounts: ...
     def note_ingested(self, transitions: int, events: int) -> None: ...
     def set_normalization(self, mean: np.ndarray, std: np.ndarray, count: float) -> None: ...
     def weights(self) -> tuple[dict[str, torch.Tensor], int]: ...
@@ -190,7 +188,6 @@ def _local_progress(shared: SharedState, obs_dim: int, ready: bool, leaving: boo
 def _record(c: torch.Tensor, together: GroupProgress) -> None:
     c[_GROUP_EVENTS], c[_GROUP_TRANSITIONS] = together.events, together.transitions
     c[_GROUP_NORM_COUNT] = together.normalizer_count
-    c[_GROUP_STEPS] += 1
 
 
 def _join(learner: DQNLearner, settings: GroupSettings) -> Group:
@@ -209,13 +206,27 @@ def _learn_in(
     learner: DQNLearner, buffer: ReplayBuffer, shared: SharedState, lock: Any, options: RunnerOptions,
     requests: Connection | None, state_lock: threading.Lock, orphaned: Callable[[], bool] = lambda: False,
 ) -> None:
-    """_learn, in the group of `options` when there is one; a failure to join or of the group is marked
-    as such in the control vector (the daemon exits with its own code for it)."""
-    if options.group is None:
-        _learn(learner, buffer, shared, lock, options, requests, state_lock, orphaned)
-        return
+    """_learn, in the group of `options` when there is one. Any failure is marked in the control vector,
+    a failure to join or of the group as such (the daemon exits with its own code for it)."""
     try:
-        group = _join(learner, options.group)
+        if options.group is None:
+            _learn(learner, buffer, shared, lock, options, requests, state_lock, orphaned)
+        else:
+            _learn_in_group(learner, buffer, shared, lock, options, options.group, requests, state_lock,
+                            orphaned)
+    except BaseException:
+        if shared.control[_FAILED] == 0:
+            shared.control[_FAILED] = _FAILED_ERROR
+        raise
+
+
+def _learn_in_group(
+    learner: DQNLearner, buffer: ReplayBuffer, shared: SharedState, lock: Any, options: RunnerOptions,
+    settings: GroupSettings, requests: Connection | None, state_lock: threading.Lock,
+    orphaned: Callable[[], bool],
+) -> None:
+    try:
+        group = _join(learner, settings)
     except (ConfigError, GroupError) as e:
         shared.control[_FAILED] = _FAILED_GROUP
         log.error("the learner could not join its group: %s", e)
@@ -259,10 +270,10 @@ class _RunnerBase:
         return LearnerStats(int(c[_UPDATES]), c[_LOSS], c[_TD], c[_QMAX], c[_HEARTBEAT],
                             int(c[_WEIGHTS_VERSION]))
 
-    def group_counts(self) -> GroupCounts:
+    def group_counts(self) -> LearnedCounts:
+        """The group's sums as of the learners' last step together (zeros before the group assembles)."""
         c = self._shared.control.tolist()
-        return GroupCounts(int(c[_GROUP_EVENTS]), int(c[_GROUP_TRANSITIONS]), c[_GROUP_NORM_COUNT],
-                           int(c[_GROUP_STEPS]))
+        return LearnedCounts(int(c[_GROUP_EVENTS]), int(c[_GROUP_TRANSITIONS]), c[_GROUP_NORM_COUNT])
 
     def left_group(self) -> bool:
         """Whether the learner stopped because it could not join its group or the group failed."""
@@ -313,8 +324,6 @@ class ThreadRunner(_RunnerBase):
                       self._state_lock)
         except BaseException as exc:
             self._error = exc
-            if self._shared.control[_FAILED] == 0:
-                self._shared.control[_FAILED] = _FAILED_ERROR
             log.exception("learner thread failed")
 
     def alive(self) -> bool:
@@ -355,10 +364,6 @@ def _process_main(
         # If the daemon was SIGKILLed nobody will stop us: notice being orphaned and exit.
         _learn_in(learner, buffer, shared, lock, options, requests, threading.Lock(),
                   lambda: os.getppid() != parent)
-    except BaseException:
-        if shared.control[_FAILED] == 0:
-            shared.control[_FAILED] = _FAILED_ERROR
-        raise
     finally:
         shared.control[_HEARTBEAT] = 0
 
