@@ -231,6 +231,16 @@ def processes(target: Callable[..., None], *arg_lists: tuple[Any, ...]) -> Itera
                 p.join()
 
 
+def two_ranks(target: Callable[..., None], *args: Any) -> tuple[dict[int, tuple[str, Any]], list[int | None]]:
+    """`target(rank, port, *args, results)` as ranks 0 and 1 of one group: what each reported, and the
+    processes' exit codes once joined."""
+    results = CTX.Queue()
+    port = free_port()
+    with processes(target, *((rank, port, *args, results) for rank in (0, 1))) as procs:
+        out = collect(results, 2)
+    return out, [p.exitcode for p in procs]
+
+
 def collect(results: Any, n: int) -> dict[int, tuple[str, Any]]:
     out = {}
     for _ in range(n):
@@ -271,11 +281,8 @@ def test_two_ranks_on_different_batches_hold_identical_weights_equal_to_one_lear
     if start == "restore":  # rank 0 restores a checkpoint with Adam moments; rank 1 starts fresh
         checkpoint = str(tmp_path / "learner.pt")
         torch.save(pretrained().state_dict(), checkpoint)
-    results = CTX.Queue()
-    port = free_port()
-    with processes(_train, *((rank, port, checkpoint, results) for rank in (0, 1))) as procs:
-        out = collect(results, 2)
-    assert [p.exitcode for p in procs] == [0, 0]
+    out, exits = two_ranks(_train, checkpoint)
+    assert exits == [0, 0]
     rank0, rank1 = out[0][1], out[1][1]
     assert rank0["updates"] == rank1["updates"] == STEPS + (7 if start == "restore" else 0)
     # (1 + 2) / 2, and a missing gradient counts as zeros.
@@ -295,11 +302,8 @@ def test_two_ranks_on_different_batches_hold_identical_weights_equal_to_one_lear
 def test_steps_together_agree_on_readiness_sum_counts_and_pool_the_normalizers_exactly() -> None:
     rng = np.random.default_rng(5)
     rows = [rng.normal(3.0, 2.0, size=(40, 6)), rng.normal(-1.0, 0.5, size=(25, 6))]
-    results = CTX.Queue()
-    port = free_port()
-    with processes(_steps_together, *((rank, port, rows, results) for rank in (0, 1))) as procs:
-        out = collect(results, 2)
-    assert [p.exitcode for p in procs] == [0, 0]
+    out, exits = two_ranks(_steps_together, rows)
+    assert exits == [0, 0]
     steps0, steps1 = out[0][1], out[1][1]
     assert [s["all_ready"] for s in steps0] == [s["all_ready"] for s in steps1] == [False, True, True]
     assert [s["leaving"] for s in steps0] == [0, 0, 1]
@@ -313,10 +317,7 @@ def test_steps_together_agree_on_readiness_sum_counts_and_pool_the_normalizers_e
 
 
 def test_a_dead_member_makes_the_next_collective_raise_a_group_error() -> None:
-    results = CTX.Queue()
-    port = free_port()
-    with processes(_dies_after_joining, (0, port, results), (1, port, results)):
-        out = collect(results, 2)
+    out, _ = two_ranks(_dies_after_joining)
     assert out[1] == ("ok", "dying")
     assert out[0][1].startswith("GroupError: all_reduce failed on rank 0 of 2"), out[0][1]
 
@@ -419,11 +420,8 @@ def test_the_learner_hands_its_gradients_to_after_backward_before_clipping() -> 
 
 
 def test_a_rank_whose_learner_settings_differ_from_rank_0s_is_refused() -> None:
-    results = CTX.Queue()
-    port = free_port()
-    with processes(_mismatched, (0, port, results), (1, port, results)) as procs:
-        out = collect(results, 2)
-    assert [p.exitcode for p in procs] == [0, 0]
+    out, exits = two_ranks(_mismatched)
+    assert exits == [0, 0]
     assert out[0] == ("ok", "shared")
     assert out[1][1] == (
         "refused: rank 1's learner settings differ from rank 0's in ['lr']: every rank must learn with the "

@@ -426,13 +426,19 @@ def test_concurrent_writer_threads_never_collide(tmp_path: Path) -> None:
 # --- the CLI -----------------------------------------------------------------------------------------
 
 
-def test_cli_changes_the_store_and_refuses_bad_input(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def three_versions_and_a_canary(tmp_path: Path) -> SnapshotStore:
+    """The store of a state directory: 1 and 2 published to stable in turn, 3 on the canary."""
     store = SnapshotStore(tmp_path / "snapshots")
     put(store, "a")
     put(store, "b")
     put(store, "c", channel="canary")
+    return store
+
+
+def test_cli_changes_the_store_and_refuses_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = three_versions_and_a_canary(tmp_path)
     d = ["--dir", str(store.root)]
     assert main(["snapshots", "list", *d]) == 0
     out = capsys.readouterr().out
@@ -471,10 +477,7 @@ def test_cli_changes_the_store_and_refuses_bad_input(
 def test_cli_pins_stable_refuses_rollback_while_pinned_and_unpins(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store = SnapshotStore(tmp_path / "snapshots")
-    put(store, "a")
-    put(store, "b")
-    put(store, "c", channel="canary")
+    store = three_versions_and_a_canary(tmp_path)
     d = ["--state-dir", str(tmp_path)]
     assert main(["snapshots", "pin", "1", *d, "--reason", "bad release"]) == 0
     out = capsys.readouterr().out

@@ -111,7 +111,8 @@ def traffic() -> RecentTraffic:
     return RecentTraffic(features, np.zeros(30), np.ones(30))
 
 
-def test_rollout_promotes_and_demotes_in_the_store_and_announces(tmp_path: Path) -> None:
+def a_canary_better_than_stable(tmp_path: Path) -> tuple[SnapshotStore, int, int, PolicyOutcomes]:
+    """A store with a stable and a canary, and evidence on which the canary is due for promotion."""
     store = SnapshotStore(tmp_path / "snapshots")
     stable = publish_small(store, seed=1).version
     canary = publish_small(store, seed=2, channel=CANARY).version
@@ -120,6 +121,11 @@ def test_rollout_promotes_and_demotes_in_the_store_and_announces(tmp_path: Path)
         outcomes(str(canary), benign=100, false_positives=4, malicious=100, detected=93, mean_return=0.42,
                  seed=4),
     )
+    return store, stable, canary, evidence
+
+
+def test_rollout_promotes_and_demotes_in_the_store_and_announces(tmp_path: Path) -> None:
+    store, _stable, canary, evidence = a_canary_better_than_stable(tmp_path)
     announced = Announced()
     rollout = Rollout(store, lambda: evidence, RULES, announced, traffic, interval_seconds=0.01)
     decision = run_step(rollout)
@@ -151,14 +157,7 @@ def test_rollout_promotes_and_demotes_in_the_store_and_announces(tmp_path: Path)
 def test_a_pinned_stable_holds_promotion_logged_once_and_demotion_still_works(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = SnapshotStore(tmp_path / "snapshots")
-    stable = publish_small(store, seed=1).version
-    canary = publish_small(store, seed=2, channel=CANARY).version
-    evidence = merged(
-        outcomes(str(stable), benign=100, false_positives=5, malicious=100, detected=90, mean_return=0.4),
-        outcomes(str(canary), benign=100, false_positives=4, malicious=100, detected=93, mean_return=0.42,
-                 seed=4),
-    )
+    store, stable, canary, evidence = a_canary_better_than_stable(tmp_path)
     store.pin_stable(stable, actor="operator")
     announced = Announced()
     rollout = Rollout(store, lambda: evidence, RULES, announced, traffic, interval_seconds=0.01)
@@ -189,14 +188,7 @@ def test_a_pinned_stable_holds_promotion_logged_once_and_demotion_still_works(
 
 
 def test_a_pin_taken_between_the_judgement_and_the_promotion_wins(tmp_path: Path) -> None:
-    store = SnapshotStore(tmp_path / "snapshots")
-    stable = publish_small(store, seed=1).version
-    canary = publish_small(store, seed=2, channel=CANARY).version
-    evidence = merged(
-        outcomes(str(stable), benign=100, false_positives=5, malicious=100, detected=90, mean_return=0.4),
-        outcomes(str(canary), benign=100, false_positives=4, malicious=100, detected=93, mean_return=0.42,
-                 seed=4),
-    )
+    store, stable, canary, evidence = a_canary_better_than_stable(tmp_path)
 
     def pin_then_report() -> PolicyOutcomes:
         store.pin_stable(stable, actor="operator")  # the operator pins while the rollout is judging
