@@ -55,6 +55,11 @@ class KafkaSettings(Section):
     fetch_max_bytes: Annotated[int, Field(ge=1024)] = 8 * 1024 * 1024
     max_partition_fetch_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
     poll_timeout_ms: Annotated[int, Field(ge=1, le=60_000)] = 200
+    session_timeout_ms: Annotated[int, Field(ge=6_000, le=1_800_000)] = 10_000
+    """How long the broker waits for a silent group member before it hands the member's partitions to
+    the others (within the broker's group.min/max.session.timeout.ms). With world_size > 1 every rank is
+    a static member (group.instance.id <group_id>-rank-<R>): a rank restarted within this time gets its
+    partitions back without a rebalance, and a stopped rank's partitions wait this long."""
     rate_limit_key: Literal["record_key", "header", "sandbox_id"] = "record_key"
     """What identifies a source for the per-source rate cap: the Kafka record key, a header set by the
     host agent (rate_limit_header), or the event's own sandbox_id (which a sample could forge)."""

@@ -53,9 +53,13 @@ from streamdqn.stream.sources import MemorySink, Partition, PartitionsCallback, 
 from streamdqn.stream.wire import Action
 
 log = logging.getLogger("streamdqn.daemon")
+ALONE = Role()
 
 
-def kafka_options(s: Settings) -> KafkaOptions:
+def kafka_options(s: Settings, role: Role = ALONE) -> KafkaOptions:
+    """A rank of a group is a static member: when every rank restarts after a failure, none of them
+    leaves the group (static members send no LeaveGroup) and each gets its partitions back, where
+    all members leaving at once made tansu 0.6 keep the departed leader and stall the group for good."""
     k = s.kafka
     return KafkaOptions(
         bootstrap_servers=k.bootstrap_servers, topic=k.topic, group_id=k.group_id, dlq_topic=k.dlq_topic,
@@ -65,6 +69,8 @@ def kafka_options(s: Settings) -> KafkaOptions:
         sasl_plain_password=k.sasl_plain_password.get_secret_value(), ssl_cafile=k.ssl_cafile,
         ssl_certfile=k.ssl_certfile, ssl_keyfile=k.ssl_keyfile, max_poll_records=k.max_poll_records,
         fetch_max_bytes=k.fetch_max_bytes, max_partition_fetch_bytes=k.max_partition_fetch_bytes,
+        session_timeout_ms=k.session_timeout_ms,
+        group_instance_id="" if role.alone else f"{k.group_id}-rank-{role.rank}",
     )
 
 
@@ -172,7 +178,7 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
     if source is not None:
         clients = GivenClients(source, sink if sink is not None else MemorySink(), offsets)
     else:
-        clients = KafkaClients(kafka_options(s), offsets, alone=role.alone)
+        clients = KafkaClients(kafka_options(s, role), offsets, alone=role.alone)
     ingestor = Ingestor(
         pipeline, clients, runner,
         Backpressure(s.learner.min_samples_per_insert, learning.batch_size, s.replay.min_size),

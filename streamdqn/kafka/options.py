@@ -35,6 +35,8 @@ class KafkaOptions:
     fetch_max_bytes: int = 8 * 1024 * 1024
     max_partition_fetch_bytes: int = 1024 * 1024
     request_timeout_ms: int = 15_000
+    session_timeout_ms: int = 10_000
+    group_instance_id: str = ""  # static membership (a rank of a group); empty: a dynamic member
 
 
 def consumer_settings(o: KafkaOptions) -> dict[str, object]:
@@ -49,6 +51,8 @@ def consumer_settings(o: KafkaOptions) -> dict[str, object]:
         "fetch_max_bytes": o.fetch_max_bytes,
         "max_partition_fetch_bytes": o.max_partition_fetch_bytes,
         "request_timeout_ms": o.request_timeout_ms,
+        "session_timeout_ms": o.session_timeout_ms,
+        "group_instance_id": o.group_instance_id or None,
     }
 
 

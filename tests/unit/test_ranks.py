@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from streamdqn.config import DistributedSettings, load_settings
+from streamdqn.daemon.build import kafka_options
 from streamdqn.daemon.ranks import Role, StateLayout, group_settings, http_port
 from streamdqn.errors import ConfigError
+from streamdqn.kafka.options import consumer_settings
 
 TORCHRUN = {"RANK": "1", "WORLD_SIZE": "3", "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": "29500"}
 
@@ -68,3 +70,12 @@ def test_local_ranks_under_torchrun_serve_http_on_consecutive_ports() -> None:
     assert http_port(8765, {**agent, "LOCAL_RANK": "2"}) == 8767
     assert http_port(0, {**agent, "LOCAL_RANK": "2"}) == 0  # ephemeral for everyone
     assert http_port(8765, {"LOCAL_RANK": "2"}) == 8765  # not under torchrun: as configured
+
+
+def test_a_rank_joins_the_consumer_group_as_a_static_member_and_a_lone_daemon_as_a_dynamic_one() -> None:
+    """Static members send no LeaveGroup: when every rank restarts after a failure, the group keeps them."""
+    settings = load_settings(kafka={"group_id": "farm", "session_timeout_ms": 30_000})
+    alone = consumer_settings(kafka_options(settings, Role()))
+    assert alone["group_instance_id"] is None and alone["session_timeout_ms"] == 30_000
+    ranks = [consumer_settings(kafka_options(settings, Role(r, 2)))["group_instance_id"] for r in range(2)]
+    assert ranks == ["farm-rank-0", "farm-rank-1"]
