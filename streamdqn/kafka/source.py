@@ -82,18 +82,20 @@ class KafkaSource:
             await stop_client(consumer, "consumer")
 
     async def _seek_assigned(self, partitions: set[Partition]) -> None:
-        assert self._consumer is not None
+        consumer = self._consumer
+        if consumer is None:  # a join that completes while stop() closes the consumer
+            return
         for topic, p in partitions:
             tp = TopicPartition(topic, p)
             checkpointed = self.start_offsets.get((topic, p))
             if checkpointed is None:
                 continue
             try:
-                committed = await self._consumer.committed(tp)
+                committed = await consumer.committed(tp)
             except KafkaError:
                 committed = None
             offset = max(checkpointed, committed or 0)
-            self._consumer.seek(tp, offset)
+            consumer.seek(tp, offset)
             self._unverified[(topic, p)] = offset
         if self._paused:
             self.pause()
