@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 
 from streamdqn.config import Settings
 from streamdqn.daemon.checkpointer import Checkpointer
+from streamdqn.daemon.handover import read_handovers
 from streamdqn.daemon.health import HealthView
 from streamdqn.daemon.ingestor import Backpressure, Ingestor
 from streamdqn.daemon.publisher import Publisher
@@ -82,6 +84,7 @@ class KafkaClients:
     offsets: dict[Partition, int]
     on_revoked: PartitionsCallback | None = None
     alone: bool = True  # no other rank is configured: a shrunk assignment means a stray consumer
+    handed_over: Callable[[], Mapping[Partition, int]] | None = None  # the other ranks' checkpoints
     bootstrap_servers: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -94,7 +97,7 @@ class KafkaClients:
             await ensure_copartitioned(o, o.topic, o.verdicts_topic)
         sink = KafkaSink(o)
         await sink.start()
-        source = KafkaSource(o, on_revoked=self.on_revoked)
+        source = KafkaSource(o, on_revoked=self.on_revoked, handed_over=self.handed_over)
 
         async def assigned(partitions: set[int]) -> None:
             log_event("partitions assigned", partitions=sorted(partitions))
@@ -178,7 +181,8 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
     if source is not None:
         clients = GivenClients(source, sink if sink is not None else MemorySink(), offsets)
     else:
-        clients = KafkaClients(kafka_options(s, role), offsets, alone=role.alone)
+        handed_over = None if role.alone else lambda: read_handovers(layout.other_handovers())
+        clients = KafkaClients(kafka_options(s, role), offsets, alone=role.alone, handed_over=handed_over)
     ingestor = Ingestor(
         pipeline, clients, runner,
         Backpressure(s.learner.min_samples_per_insert, learning.batch_size, s.replay.min_size),
@@ -202,6 +206,7 @@ def build(settings: Settings, source: RecordSource | None = None, sink: RecordSi
         include_replay=s.checkpoint.include_replay, history_dir=layout.own, batch_size=learning.batch_size,
         snapshot_version=lambda: publisher.state.version,
         observe_seconds=lambda t: metrics.checkpoint_seconds.observe(t),
+        handover=None if role.alone else layout.handover,
     )
     # Only rank 0 changes channels; the other ranks see no outcomes (so never judge), and measure drift.
     rollout = Rollout(snapshots, (lambda: pipeline.outcomes) if role.publishes else PolicyOutcomes,

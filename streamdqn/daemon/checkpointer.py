@@ -2,7 +2,8 @@
 
 A checkpoint holds the Kafka offsets its state corresponds to, so after a crash the events since the
 last checkpoint are read again: nothing lost, nothing learned twice. Offsets are committed to the
-group only after the checkpoint that covers them is on disk.
+group only after the checkpoint that covers them is on disk; a rank of a group also writes them to its
+handover record (streamdqn.daemon.handover) for the rank that takes over one of its partitions.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from streamdqn.daemon.handover import write_handover
 from streamdqn.daemon.ingestor import Ingestor
 from streamdqn.daemon.state import DaemonState, offsets_for_log
 from streamdqn.history import HistoryPoint, append_history
@@ -20,6 +22,7 @@ from streamdqn.learning.checkpoints import CheckpointStore
 from streamdqn.learning.replay.buffer import ReplayBuffer
 from streamdqn.learning.runners import LearnerRunner
 from streamdqn.logs import log_event
+from streamdqn.stream.sources import Partition
 
 
 class Checkpointer:
@@ -36,6 +39,7 @@ class Checkpointer:
         batch_size: int,
         snapshot_version: Callable[[], int],
         observe_seconds: Callable[[float], None] = lambda s: None,
+        handover: Path | None = None,
     ) -> None:
         self.store = store
         self.ingestor = ingestor
@@ -47,6 +51,7 @@ class Checkpointer:
         self.batch_size = batch_size
         self.snapshot_version = snapshot_version
         self.observe_seconds = observe_seconds
+        self.handover = handover  # a rank of a group: where the other ranks read this one's offsets
         self.failures = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -73,6 +78,8 @@ class Checkpointer:
             self.failures += 1
             log_event("checkpoint failed", error=repr(exc)[:500])
             return False
+        if self.handover is not None:
+            await self._write_handover(offsets)
         seconds = time.perf_counter() - started
         self.observe_seconds(seconds)
         events, updates = state.stream.counters.events_consumed, int(state.learner["updates"])
@@ -83,6 +90,13 @@ class Checkpointer:
             offsets = {key: o for key, o in offsets.items() if key[1] in revoked}
         await self.ingestor.commit(offsets)
         return True
+
+    async def _write_handover(self, offsets: dict[Partition, int]) -> None:
+        assert self.handover is not None
+        try:
+            await asyncio.to_thread(write_handover, self.handover, offsets)
+        except OSError as exc:  # the committed offsets still cover this checkpoint, once committed
+            log_event("handover record failed", path=str(self.handover), error=repr(exc)[:300])
 
     def _append_history(self, events: int, updates: int, returns: list[float], rows: int) -> None:
         mean_return = sum(returns) / len(returns) if returns else math.nan

@@ -8,6 +8,8 @@ State directory of a group (state.dir shared by the ranks: one host, or a shared
 
     state.dir/rank-R/checkpoints   each rank's own checkpoints (its offsets, replay shard, stream state)
     state.dir/rank-R/history.jsonl its own progress history
+    state.dir/rank-R/offsets.json  the offsets of its newest checkpoint, for the rank that takes over
+                                   one of its partitions (streamdqn.daemon.handover)
     state.dir/snapshots            rank 0 publishes here; every rank serves /snapshots from here
     state.dir/rejected             rank 0's candidates that the gate refused
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streamdqn.config import DistributedSettings
+from streamdqn.daemon.handover import HANDOVER_FILE
 from streamdqn.learning.distributed import GroupSettings
 from streamdqn.logs import log_event
 
@@ -96,3 +99,12 @@ class StateLayout:
     @property
     def checkpoints(self) -> Path:
         return self.own / "checkpoints"
+
+    @property
+    def handover(self) -> Path:
+        return self.own / HANDOVER_FILE
+
+    def other_handovers(self) -> list[Path]:
+        """Every other rank's handover record, also of ranks beyond today's world_size (taking the
+        largest offset, an old record can only be overtaken, never wrong)."""
+        return sorted(p for p in self.own.parent.glob(f"rank-*/{HANDOVER_FILE}") if p != self.handover)

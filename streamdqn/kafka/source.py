@@ -6,8 +6,9 @@ failing deserializer would redeliver the record forever.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
@@ -41,8 +42,9 @@ class KafkaSource:
     Both topics are assigned with the range assignor, so that with equal partition counts the same
     member owns partition p of both (co-partitioned by sandbox_id: an episode's telemetry and its
     verdict meet in one daemon). `start_offsets` ((topic, partition) -> next offset), set before or
-    during a rebalance, decides where an assigned partition is read from: the larger of it and the
-    group's committed offset.
+    during a rebalance, decides where an assigned partition is read from: the largest of it, the
+    group's committed offset and what `handed_over()` reports (the offsets other members' checkpoints
+    cover, which may be ahead of their last successful commit).
     """
 
     def __init__(
@@ -51,10 +53,12 @@ class KafkaSource:
         *,
         on_assigned: PartitionsCallback | None = None,
         on_revoked: PartitionsCallback | None = None,
+        handed_over: Callable[[], Mapping[Partition, int]] | None = None,
     ) -> None:
         self.options = options
         self.on_assigned = on_assigned
         self.on_revoked = on_revoked
+        self.handed_over = handed_over
         self.start_offsets: dict[Partition, int] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._paused = False
@@ -85,11 +89,17 @@ class KafkaSource:
         consumer = self._consumer
         if consumer is None:  # a join that completes while stop() closes the consumer
             return
+        handed: Mapping[Partition, int] = {}
+        if self.handed_over is not None and partitions:
+            handed = await asyncio.to_thread(self.handed_over)  # a few small files
+            if self._consumer is None:
+                return
         for topic, p in partitions:
             tp = TopicPartition(topic, p)
-            checkpointed = self.start_offsets.get((topic, p))
-            if checkpointed is None:
+            known = [o for o in (self.start_offsets.get((topic, p)), handed.get((topic, p))) if o is not None]
+            if not known:
                 continue
+            checkpointed = max(known)
             try:
                 committed = await consumer.committed(tp)
             except KafkaError:

@@ -8,6 +8,7 @@ import pytest
 
 from streamdqn.config import DistributedSettings, load_settings
 from streamdqn.daemon.build import kafka_options
+from streamdqn.daemon.handover import read_handover, read_handovers, write_handover
 from streamdqn.daemon.ranks import Role, StateLayout, group_settings, http_port
 from streamdqn.errors import ConfigError
 from streamdqn.kafka.options import consumer_settings
@@ -79,3 +80,25 @@ def test_a_rank_joins_the_consumer_group_as_a_static_member_and_a_lone_daemon_as
     assert alone["group_instance_id"] is None and alone["session_timeout_ms"] == 30_000
     ranks = [consumer_settings(kafka_options(settings, Role(r, 2)))["group_instance_id"] for r in range(2)]
     assert ranks == ["farm-rank-0", "farm-rank-1"]
+
+
+def test_handover_records_merge_to_the_largest_offset_and_a_bad_one_is_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    layouts = [StateLayout.of(tmp_path, Role(r, 3)) for r in range(3)]
+    write_handover(layouts[0].handover, {("t", 0): 40, ("t", 1): 7})
+    write_handover(layouts[1].handover, {("t", 0): 55, ("v", 0): 3})
+    (tmp_path / "rank-5").mkdir()  # a rank of an earlier, larger group still counts
+    write_handover(tmp_path / "rank-5" / "offsets.json", {("t", 1): 9})
+    others = layouts[2].other_handovers()
+    assert layouts[2].handover not in others and len(others) == 3
+    assert read_handovers(others) == {("t", 0): 55, ("t", 1): 9, ("v", 0): 3}
+    assert read_handover(layouts[0].handover) == {("t", 0): 40, ("t", 1): 7}
+
+    layouts[1].handover.write_text('{"offsets": [["t", 0, -1]]}')
+    with caplog.at_level("INFO", logger="streamdqn"):
+        assert read_handovers(layouts[2].other_handovers()) == {("t", 0): 40, ("t", 1): 9}
+    assert "handover record unreadable" in caplog.text
+    with pytest.raises(ValueError, match="offset"):
+        read_handover(layouts[1].handover)
+    assert read_handovers([tmp_path / "rank-9" / "offsets.json"]) == {}  # not checkpointed yet
