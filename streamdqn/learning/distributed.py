@@ -127,21 +127,28 @@ def join_group(settings: GroupSettings, device: torch.device | str = "cpu") -> G
     """Join (rank 0: host) the group and return once all world_size members are in it.
 
     `device` is where the learner's tensors live (the backend must reach them). Raises ConfigError when
-    rank 0's port is taken, a rank is claimed twice, or the group does not assemble within the timeout.
+    rank 0's port is taken, a rank is claimed twice, the group does not assemble within the timeout, or
+    the rendezvous goes away during the join.
     """
     served = _open_store(settings)
     # Each generation's claims apart: a restarted agent's members must not find their previous selves.
     store = _generation(served, settings)
-    _claim_rank(store, settings)
-    _wait_for_everyone(store, settings)
     device = torch.device(device)
     backend = resolve_backend(settings.backend, device)
-    if backend == "nccl" and device.index is not None:
-        torch.cuda.set_device(device)  # NCCL binds each rank to the current device
-    dist.init_process_group(
-        backend, store=PrefixStore("process_group", store), rank=settings.rank,
-        world_size=settings.world_size, timeout=settings.timeout,
-    )
+    try:
+        _claim_rank(store, settings)
+        _wait_for_everyone(store, settings)
+        if backend == "nccl" and device.index is not None:
+            torch.cuda.set_device(device)  # NCCL binds each rank to the current device
+        dist.init_process_group(
+            backend, store=PrefixStore("process_group", store), rank=settings.rank,
+            world_size=settings.world_size, timeout=settings.timeout,
+        )
+    except dist.DistError as e:  # seen when rank 0 exits for a restart while a rank joins
+        raise ConfigError(
+            f"the rendezvous at {settings.endpoint} went away while rank {settings.rank} joined (rank 0 "
+            f"stopped or restarted): {str(e)[:200]}"
+        ) from e
     return Group(settings, served, backend)
 
 

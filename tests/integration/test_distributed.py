@@ -353,6 +353,22 @@ def test_a_member_without_rank_0_times_out_naming_the_rendezvous() -> None:
         join_group(settings_for(1, port, timeout=3))
 
 
+def test_a_rendezvous_that_goes_away_during_the_join_is_a_failed_join_not_a_crash() -> None:
+    """Seen when rank 0 exits for a restart while another rank joins: the daemon must exit 76, not 70."""
+    port = free_port()
+    host = subprocess.Popen([sys.executable, "-c", (
+        "import time, torch.distributed as d\n"
+        f"s = d.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False)\n"
+        "print('up', flush=True)\ntime.sleep(3)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout is not None and host.stdout.readline().strip() == "up"
+        with pytest.raises(ConfigError, match=f"rendezvous at 127.0.0.1:{port} went away while rank 1 joined"):
+            join_group(settings_for(1, port, timeout=60))
+    finally:
+        host.kill()
+        host.communicate()
+
+
 def test_rank_0_on_a_port_another_process_holds_is_told_to_choose_another() -> None:
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
