@@ -181,7 +181,9 @@ class DistributedSettings(Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """auto: NCCL when the learner is on CUDA, else Gloo."""
     timeout_seconds: Positive = 120.0
-    """How long to wait for the group to assemble and for any collective; past it the ranks exit (76)."""
+    """How long any collective may take; past it the ranks exit (76) for a restart. A rank whose group is
+    not complete yet waits for the others as long as it takes (ingesting meanwhile), warning every time
+    this passes."""
 
     @model_validator(mode="after")
     def _rank_in_world(self) -> DistributedSettings:

@@ -49,7 +49,7 @@ class Watchdog:
             self.loop_lag = max(0.0, now - before - TICK_SECONDS)
             if not self.runner.alive():
                 if self.runner.left_group():
-                    log.error("the learner lost its group (a rank stopped, died or never came); exiting "
+                    log.error("the learner lost its group (a rank stopped or died); exiting "
                               "with code %d so that every rank restarts from its checkpoint", EXIT_GROUP_LOST)
                     raise FatalExit(EXIT_GROUP_LOST, "the group failed")
                 log.error("the learner stopped unexpectedly; exiting so that systemd restarts the service")

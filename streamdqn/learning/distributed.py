@@ -21,9 +21,12 @@ not resolve to the interface the others reach, set GLOO_SOCKET_IFNAME (Gloo bind
 from __future__ import annotations
 
 import datetime
+import logging
+import math
 import threading
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -38,10 +41,12 @@ from streamdqn.errors import ConfigError, StreamDQNError
 from streamdqn.learning.learner import DQNLearner
 
 Backend = Literal["auto", "gloo", "nccl"]
+log = logging.getLogger(__name__)
 
 # How long a rank 0 that cannot bind its port looks for another rank 0's store there: a store answers at
 # once, and a client of something else that accepts and never answers would wait forever.
 _PROBE_SECONDS = 2.0
+_WAIT_SLICE = datetime.timedelta(seconds=1)  # how often a waiting member asks whether to go on waiting
 # Settings that may differ between ranks: where each one computes, and its seed (the initial weights are
 # rank 0's anyway; sampling may well differ).
 _LOCAL_SETTINGS = ("device", "cuda_graph", "seed")
@@ -123,46 +128,96 @@ def resolve_backend(backend: Backend, device: torch.device) -> str:
     return backend
 
 
-def join_group(settings: GroupSettings, device: torch.device | str = "cpu") -> Group:
+def join_group(
+    settings: GroupSettings, device: torch.device | str = "cpu",
+    keep_waiting: Callable[[], bool] | None = None,
+) -> Group:
     """Join (rank 0: host) the group and return once all world_size members are in it.
 
     `device` is where the learner's tensors live (the backend must reach them). Raises ConfigError when
     rank 0's port is taken, a rank is claimed twice, the group does not assemble within the timeout, or
-    the rendezvous goes away during the join.
+    the rendezvous goes away during the join. With `keep_waiting`, a member waits instead for as long as
+    keep_waiting() (asked about every second) is true, with a warning every timeout: for rank 0's
+    rendezvous to appear, to come back (a member joins again), and for the others to arrive.
     """
-    served = _open_store(settings)
-    # Each generation's claims apart: a restarted agent's members must not find their previous selves.
-    store = _generation(served, settings)
     device = torch.device(device)
     backend = resolve_backend(settings.backend, device)
-    try:
-        _claim_rank(store, settings)
-        _wait_for_everyone(store, settings)
-        if backend == "nccl" and device.index is not None:
-            torch.cuda.set_device(device)  # NCCL binds each rank to the current device
-        dist.init_process_group(
-            backend, store=PrefixStore("process_group", store), rank=settings.rank,
-            world_size=settings.world_size, timeout=settings.timeout,
-        )
-    except dist.DistError as e:  # seen when rank 0 exits for a restart while a rank joins
-        raise ConfigError(
-            f"the rendezvous at {settings.endpoint} went away while rank {settings.rank} joined (rank 0 "
-            f"stopped or restarted): {str(e)[:200]}"
-        ) from e
-    return Group(settings, served, backend)
-
-
-def _open_store(settings: GroupSettings) -> TCPStore:
-    host, port = settings.master_addr, settings.master_port
-    if settings.rank != 0 or settings.agent_store:
+    again = _Waiting(settings, keep_waiting)
+    while True:
+        served = _open_store(settings, keep_waiting)
+        # Each generation's claims apart: a restarted agent's members must not find their previous selves.
+        store = _generation(served, settings)
         try:
-            return TCPStore(host, port, is_master=False, timeout=settings.timeout)
-        except dist.DistError as e:
-            raise ConfigError(
-                f"rank {settings.rank} could not reach the rendezvous at {settings.endpoint} within "
-                f"{settings.timeout_seconds:g} s: start rank 0 (or torchrun), or check "
-                f"distributed.master_addr and master_port ({e})"
-            ) from e
+            _claim_rank(store, settings)
+            _wait_for_everyone(store, settings, keep_waiting)
+            if backend == "nccl" and device.index is not None:
+                torch.cuda.set_device(device)  # NCCL binds each rank to the current device
+            dist.init_process_group(
+                backend, store=PrefixStore("process_group", store), rank=settings.rank,
+                world_size=settings.world_size, timeout=settings.timeout,
+            )
+            return Group(settings, served, backend)
+        except RankDoubled as e:
+            # Also this member before a restart, in a group that has not noticed yet: it ends within
+            # timeout_seconds, and rank 0 comes back with a new store.
+            if keep_waiting is None or not _joins_a_store(settings) or not again.goes_on(str(e)):
+                raise
+            time.sleep(_WAIT_SLICE.total_seconds())
+        except dist.DistError as e:  # seen when rank 0 exits for a restart while a rank joins
+            failed = ConfigError(
+                f"the rendezvous at {settings.endpoint} failed while rank {settings.rank} joined (a rank "
+                f"stopped or restarted): {str(e)[:200]}"
+            )
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            # Only a member of someone else's store can join again; rank 0's own store is what failed.
+            if keep_waiting is None or not _joins_a_store(settings) or not keep_waiting():
+                raise failed from e
+            log.warning("%s; joining again", failed)
+
+
+def _joins_a_store(settings: GroupSettings) -> bool:
+    return settings.rank != 0 or settings.agent_store
+
+
+class _Waiting:
+    """Slices of at most a second between keep_waiting() calls, a warning every timeout."""
+
+    def __init__(self, settings: GroupSettings, keep_waiting: Callable[[], bool] | None) -> None:
+        self.keep_waiting = keep_waiting
+        self.slice = settings.timeout if keep_waiting is None else min(settings.timeout, _WAIT_SLICE)
+        self.started = time.monotonic()
+        self.warned = -math.inf  # the first wait is reported at once
+        self.timeout_seconds = settings.timeout_seconds
+
+    def goes_on(self, what: str) -> bool:
+        if self.keep_waiting is None or not self.keep_waiting():
+            return False
+        now = time.monotonic()
+        if now - self.warned >= self.timeout_seconds:
+            self.warned = now
+            log.warning("%s (waiting %.0f s so far; the learner starts once the group is complete)", what,
+                        now - self.started)
+        return True
+
+
+def _open_store(settings: GroupSettings, keep_waiting: Callable[[], bool] | None = None) -> TCPStore:
+    host, port = settings.master_addr, settings.master_port
+    if _joins_a_store(settings):
+        waiting = _Waiting(settings, keep_waiting)
+        while True:
+            try:
+                store = TCPStore(host, port, is_master=False, timeout=waiting.slice)
+                store.set_timeout(settings.timeout)
+                return store
+            except dist.DistError as e:
+                if not waiting.goes_on(f"rank {settings.rank} waits for rank 0's rendezvous at "
+                                       f"{settings.endpoint}"):
+                    raise ConfigError(
+                        f"rank {settings.rank} could not reach the rendezvous at {settings.endpoint} within "
+                        f"{settings.timeout_seconds:g} s: start rank 0 (or torchrun), or check "
+                        f"distributed.master_addr and master_port ({e})"
+                    ) from e
     try:
         return TCPStore(host, port, is_master=True, timeout=settings.timeout, wait_for_workers=False)
     except dist.DistNetworkError as e:
@@ -210,8 +265,12 @@ def _claim_rank(store: PrefixStore, settings: GroupSettings) -> None:
         raise _doubled(settings)
 
 
-def _doubled(settings: GroupSettings) -> ConfigError:
-    return ConfigError(
+class RankDoubled(ConfigError):
+    """Another member holds this member's rank in the group's store."""
+
+
+def _doubled(settings: GroupSettings) -> RankDoubled:
+    return RankDoubled(
         f"rank {settings.rank} is doubled: another member of the group at {settings.endpoint} already "
         f"claimed it. Give every member a distinct distributed.rank in 0..{settings.world_size - 1}. "
         f"If that member is this daemon before a restart, its old group ends within "
@@ -219,17 +278,25 @@ def _doubled(settings: GroupSettings) -> ConfigError:
     )
 
 
-def _wait_for_everyone(store: PrefixStore, settings: GroupSettings) -> None:
+def _wait_for_everyone(
+    store: PrefixStore, settings: GroupSettings, keep_waiting: Callable[[], bool] | None = None,
+) -> None:
     keys = [f"rank-{r}" for r in range(settings.world_size)]
-    try:
-        store.wait(keys, settings.timeout)
-    except dist.DistError as e:
-        missing = [r for r, key in enumerate(keys) if not store.check([key])]
-        raise ConfigError(
-            f"the group at {settings.endpoint} did not assemble within {settings.timeout_seconds:g} s: "
-            f"rank(s) {missing} of world_size {settings.world_size} never joined. Start them (same "
-            f"master_addr and master_port), or raise distributed.timeout_seconds"
-        ) from e
+    waiting = _Waiting(settings, keep_waiting)
+    while True:
+        try:
+            store.wait(keys, waiting.slice)
+            return
+        except dist.DistStoreError as e:  # a timeout; a store that went away raises DistNetworkError
+            missing = [r for r, key in enumerate(keys) if not store.check([key])]
+            if not waiting.goes_on(f"rank {settings.rank} waits for rank(s) {missing} of world_size "
+                                   f"{settings.world_size} at {settings.endpoint}"):
+                raise ConfigError(
+                    f"the group at {settings.endpoint} did not assemble within "
+                    f"{settings.timeout_seconds:g} s: rank(s) {missing} of world_size {settings.world_size} "
+                    f"never joined. Start them (same master_addr and master_port), or raise "
+                    f"distributed.timeout_seconds"
+                ) from e
 
 
 NORMALIZER_EPS = 1e-8  # as RunningNormalizer's

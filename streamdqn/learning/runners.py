@@ -190,9 +190,9 @@ def _record(c: torch.Tensor, together: GroupProgress) -> None:
     c[_GROUP_NORM_COUNT] = together.normalizer_count
 
 
-def _join(learner: DQNLearner, settings: GroupSettings) -> Group:
+def _join(learner: DQNLearner, settings: GroupSettings, keep_waiting: Callable[[], bool]) -> Group:
     """Join the group and take rank 0's learner (weights, optimizer, update count)."""
-    group = join_group(settings, learner.device)
+    group = join_group(settings, learner.device, keep_waiting)
     try:
         share_learner_state(group, learner)
     except BaseException:
@@ -225,9 +225,19 @@ def _learn_in_group(
     settings: GroupSettings, requests: Connection | None, state_lock: threading.Lock,
     orphaned: Callable[[], bool],
 ) -> None:
+    c = shared.control
+
+    def keep_waiting() -> bool:
+        """Until the daemon stops: a rank waits for the others in the learner, and goes on ingesting,
+        rather than exiting (each exit of rank 0 would take the rendezvous away from the others)."""
+        c[_HEARTBEAT] = time.time()
+        return bool(c[_STOP] == 0) and not orphaned()
+
     try:
-        group = _join(learner, settings)
+        group = _join(learner, settings, keep_waiting)
     except (ConfigError, GroupError) as e:
+        if not keep_waiting():
+            return  # stopped while waiting for the group
         shared.control[_FAILED] = _FAILED_GROUP
         log.error("the learner could not join its group: %s", e)
         raise

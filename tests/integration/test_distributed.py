@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -148,6 +149,19 @@ def _member(rank: int, port: int, release: Any, results: Any) -> None:
         finally:
             group.close()
         return "left"
+
+    _reporting(results, rank, body)
+
+
+def _joins_late(rank: int, port: int, delay: float, results: Any) -> None:
+    def body() -> str:
+        time.sleep(delay)
+        group = join_group(settings_for(rank, port, timeout=2, world_size=3), keep_waiting=lambda: True)
+        try:
+            group.barrier()
+        finally:
+            group.close()
+        return "joined"
 
     _reporting(results, rank, body)
 
@@ -342,6 +356,22 @@ def test_a_second_member_with_a_taken_rank_is_refused_and_told_which() -> None:
         assert left[rank] == ("ok", "left")
 
 
+def test_members_that_keep_waiting_outlast_the_timeout_for_the_rendezvous_and_for_each_other() -> None:
+    """Rank 1 comes 5 s before rank 0's rendezvous, and both 5 s before rank 2, at a 2 s timeout."""
+    results, port = CTX.Queue(), free_port()
+    with processes(_joins_late, *((rank, port, delay, results) for rank, delay in ((1, 0), (0, 5), (2, 10)))):
+        out = collect(results, 3)
+    assert out == {rank: ("ok", "joined") for rank in range(3)}
+
+
+def test_a_waiting_member_stops_waiting_when_told(caplog: pytest.LogCaptureFixture) -> None:
+    until = time.monotonic() + 3
+    with caplog.at_level("WARNING", logger="streamdqn"), pytest.raises(ConfigError, match="could not reach"):
+        join_group(settings_for(1, free_port(), timeout=1), keep_waiting=lambda: time.monotonic() < until)
+    assert time.monotonic() >= until
+    assert "rank 1 waits for rank 0's rendezvous" in caplog.text
+
+
 def test_a_world_that_never_assembles_times_out_naming_the_missing_rank() -> None:
     with pytest.raises(ConfigError, match=r"did not assemble within 3 s: rank\(s\) \[1\] of world_size 2"):
         join_group(settings_for(0, free_port(), timeout=3))
@@ -362,7 +392,7 @@ def test_a_rendezvous_that_goes_away_during_the_join_is_a_failed_join_not_a_cras
         "print('up', flush=True)\ntime.sleep(3)\n")], stdout=subprocess.PIPE, text=True)
     try:
         assert host.stdout is not None and host.stdout.readline().strip() == "up"
-        with pytest.raises(ConfigError, match=f"rendezvous at 127.0.0.1:{port} went away while rank 1 joined"):
+        with pytest.raises(ConfigError, match=f"rendezvous at 127.0.0.1:{port} failed while rank 1 joined"):
             join_group(settings_for(1, port, timeout=60))
     finally:
         host.kill()
