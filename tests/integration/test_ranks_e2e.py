@@ -2,12 +2,14 @@
 
 Both are members of one consumer group on a 4-partition topic and share one state directory (each its own
 rank-R/ for checkpoints, rank 0's snapshots/ for everyone). What must hold: the summed consumed counts
-equal what was produced, before and after ranks are killed or leave and come back (a rebalance); the
-ranks' weights agree once the updates stop; rank 0 publishes, its manifest counts the whole group, and
-the snapshot runs in onnxruntime from either rank.
+equal what was produced, before and after a rank is SIGKILLed and after a rank stops for longer than the
+session timeout (its partitions move to the other rank) and comes back (they move back); the ranks'
+weights agree once the updates stop; rank 0 publishes, its manifest counts the whole group, and the
+snapshot runs in onnxruntime from either rank. The ranks are static members of the consumer group
+(group.instance.id per rank), so restarts after a failure do not make the group rebalance.
 
 A small supervisor plays systemd's Restart=on-failure: a rank that exits with an error is started again
-after a second (a rank whose group failed exits 76 after distributed.timeout_seconds).
+after a second (a rank whose group failed exits 76, at the latest after distributed.timeout_seconds).
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ RANK_SETTINGS: dict[str, dict[str, object]] = {
     "checkpoint": {"interval_seconds": 1.5},
     "lifecycle": {"stop_timeout_seconds": 30.0, "progress_timeout_seconds": 120.0,
                   "broker_retry_max_seconds": 2.0},
+    "kafka": {"session_timeout_ms": 6_000},  # a stopped rank's partitions move after 6 s
 }
 EXIT_GROUP_LOST = 76
-TANSU_SETTLE_SECONDS = 5.0
 
 
 def readyz(daemon: DaemonProcess) -> dict[str, object]:
@@ -185,50 +187,48 @@ def test_two_ranks_learn_one_policy_count_once_and_rank0_publishes(ranks: Ranks,
     assert out[0].shape == (3, 5)
 
 
-# Opt-in: against the embedded broker this passed 1 of 4 runs (1 of 2 since the settle wait). Twice
-# tansu wedged the group (members that all leave within a second of a rebalance keep it stuck for
-# minutes; reproduced with bare aiokafka consumers, hence the settle wait below); once a rank assigned
-# two partitions after the restarts fetched nothing for 120 s (its watchdog exited 75), cause not found.
-# It runs against a real Kafka (STREAMDQN_TEST_KAFKA=host:port) or with STREAMDQN_TEST_RANK_FAULTS=1.
-@pytest.mark.skipif(not (os.environ.get("STREAMDQN_TEST_RANK_FAULTS") == "1"
-                         or os.environ.get("STREAMDQN_TEST_KAFKA")),
-                    reason="opt-in (STREAMDQN_TEST_RANK_FAULTS=1): not reliable on the embedded broker")
 def test_a_killed_rank_and_a_rank_that_leaves_and_returns_lose_and_double_nothing(
     ranks: Ranks, topics: Topics
 ) -> None:
-    events = sim_events(36, seed=43, sandboxes=8)
+    events = sim_events(48, seed=43, sandboxes=8)
     episodes = sorted({int(e["episode_id"]) for e in events})
-    thirds = [[e for e in events if episodes.index(int(e["episode_id"])) % 3 == i] for i in range(3)]
+    parts = [[e for e in events if episodes.index(int(e["episode_id"])) % 4 == i] for i in range(4)]
     ranks.start()
     ranks.wait(ranks.assigned, 60, "both ranks assigned partitions")
-    produce(topics.bootstrap, topics.telemetry, encode_events(thirds[0]))
-    ranks.wait(lambda: ranks.consumed() == len(thirds[0]), 120, "the first third")
+    produce(topics.bootstrap, topics.telemetry, encode_events(parts[0]))
+    ranks.wait(lambda: ranks.consumed() == len(parts[0]), 120, "the first part")
     ranks.wait(lambda: ranks.ready()[0]["updates"], 60, "updates together")
 
-    # SIGKILL rank 1 mid-stream: rank 0's collectives time out (76), the supervisor restarts both.
-    produce(topics.bootstrap, topics.telemetry, encode_events(thirds[1]))
+    # SIGKILL rank 1 mid-stream: rank 0's collectives fail (76), the supervisor restarts both.
+    produce(topics.bootstrap, topics.telemetry, encode_events(parts[1]))
     ranks.daemons[1].signal(signal.SIGKILL)
     ranks.wait(lambda: EXIT_GROUP_LOST in ranks.exits[0], GROUP_TIMEOUT_SECONDS * 4,
                "rank 0 to leave its group")
-    ranks.wait(lambda: ranks.consumed() == len(thirds[0]) + len(thirds[1]), 180,
+    ranks.wait(lambda: ranks.consumed() == len(parts[0]) + len(parts[1]), 180,
                "exact counts after the kill and the restarts")
-
-    # Once the group has settled, rank 1 leaves (SIGTERM: final checkpoint, commit) and comes back; rank 0
-    # leaves the broken group too (76). Their partitions move and return; then the last third arrives.
     ranks.wait(ranks.assigned, 120, "the consumer group to settle after the restarts")
     seen: dict[str, object] = {}
     ranks.wait(lambda: agreeing_weights(ranks, seen), 120, "the ranks to learn together again")
-    # The embedded broker (tansu 0.6) wedges a consumer group for minutes when all its members leave within
-    # about a second of a rebalance (reproduced with two bare aiokafka consumers); Kafka expires them.
-    time.sleep(TANSU_SETTLE_SECONDS)
+
+    # Rank 1 stops (SIGTERM: final checkpoint, commit) for longer than the session timeout: the broker
+    # evicts it and its partitions move to rank 0, which reads the third part from all four (its group
+    # failed: it exits 76 once, then its learner waits for rank 1). Rank 1 comes back: partitions move
+    # back and resume at rank 0's checkpoint, not at rank 1's older one (a double count).
+    before = [d.metric("streamdqn_events_consumed_total") for d in ranks.daemons]
     ranks.hold(1)
     ranks.daemons[1].signal(signal.SIGTERM)
     assert ranks.daemons[1].wait_exit(60) == 0
+    rank0 = ranks.daemons[0]
+    ranks.wait(lambda: rank0.metric("streamdqn_partitions_assigned") == 4, 120,
+               "rank 0 to take over rank 1's partitions")
+    produce(topics.bootstrap, topics.telemetry, encode_events(parts[2]))
+    ranks.wait(lambda: rank0.metric("streamdqn_events_consumed_total") == before[0] + len(parts[2]), 120,
+               "rank 0 to read the third part from all four partitions")
     ranks.release(1)
     ranks.daemons[1].start()
     ranks.wait(ranks.assigned, 120, "both ranks assigned partitions again")
-    produce(topics.bootstrap, topics.telemetry, encode_events(thirds[2]))
-    ranks.wait(lambda: ranks.consumed() == len(events), 180, "exact counts after the rebalance")
+    produce(topics.bootstrap, topics.telemetry, encode_events(parts[3]))
+    ranks.wait(lambda: ranks.consumed() == len(events), 180, "exact counts after the rebalances")
     seen = {}
     ranks.wait(lambda: agreeing_weights(ranks, seen), 120, "the ranks' weights to agree again")
     time.sleep(2.0)  # a late double count would show here
