@@ -7,8 +7,11 @@ the others get their weights (and optimizer state) at start and after a restore 
 
 Rendezvous: rank 0 serves a TCPStore on master_addr:master_port (what a `tcp://` init method would make),
 and the process group is built on that store. Before that, each member claims key `rank-<r>` with a token
-of its own; a second member with the same rank finds the key taken and is refused with a ConfigError
-instead of wedging the group. The claims stay for the group's life, so a late duplicate is refused too.
+of its own; a second member with the same rank finds the key taken and is refused (RankDoubled, a
+ConfigError) instead of wedging the group. The claims stay for the group's life, so a late duplicate is
+refused too. A daemon's learner joins with `keep_waiting`: it waits for rank 0 and the others instead of
+failing, and a refused non-zero rank tries again every second (warning every timeout), since the holder
+may be this very rank before a restart, in a group that ends within timeout_seconds.
 
 Under torchrun (or its elastic agent) the agent already serves that store at MASTER_ADDR:MASTER_PORT
 and hands out the ranks: `GroupSettings.from_environment` reads its variables and the members join the
