@@ -26,7 +26,13 @@ import torch.multiprocessing as mp
 
 from streamdqn.errors import ConfigError
 from streamdqn.kafka.broker import free_port
-from streamdqn.learning.distributed import GroupError, GroupSettings, join_group, share_learner_state
+from streamdqn.learning.distributed import (
+    GroupError,
+    GroupSettings,
+    RankDoubled,
+    join_group,
+    share_learner_state,
+)
 from streamdqn.learning.learner import DQNLearner
 from streamdqn.learning.replay.buffer import RowBatch
 from streamdqn.learning.settings import LearnerSettings
@@ -370,6 +376,23 @@ def test_a_waiting_member_stops_waiting_when_told(caplog: pytest.LogCaptureFixtu
         join_group(settings_for(1, free_port(), timeout=1), keep_waiting=lambda: answers.pop(0))
     assert answers == []
     assert "rank 1 waits for rank 0's rendezvous" in caplog.text  # at once, then every timeout
+
+
+def test_a_waiting_member_whose_rank_is_held_tries_again_until_told_to_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    results, release = CTX.Queue(), CTX.Event()
+    port = free_port()
+    answers = [True, True, False]
+    with processes(_member, (0, port, release, results), (1, port, release, results)):
+        assert {kind for kind, _ in collect(results, 2).values()} == {"joined"}
+        refused = pytest.raises(RankDoubled, match="rank 1 is doubled")
+        with caplog.at_level("WARNING", logger="streamdqn"), refused:
+            join_group(settings_for(1, port, timeout=30), keep_waiting=lambda: answers.pop(0))
+        release.set()
+        collect(results, 2)
+    assert answers == []
+    assert caplog.text.count("rank 1 is doubled") == 1  # warned once per timeout, then told to stop
 
 
 def test_a_world_that_never_assembles_times_out_naming_the_missing_rank() -> None:
