@@ -79,7 +79,7 @@ class Checkpointer:
             log_event("checkpoint failed", error=repr(exc)[:500])
             return False
         if self.handover is not None:
-            await self._write_handover(offsets)
+            await self._write_handover(self.handover, offsets)
         seconds = time.perf_counter() - started
         self.observe_seconds(seconds)
         events, updates = state.stream.counters.events_consumed, int(state.learner["updates"])
@@ -91,12 +91,11 @@ class Checkpointer:
         await self.ingestor.commit(offsets)
         return True
 
-    async def _write_handover(self, offsets: dict[Partition, int]) -> None:
-        assert self.handover is not None
+    async def _write_handover(self, path: Path, offsets: dict[Partition, int]) -> None:
         try:
-            await asyncio.to_thread(write_handover, self.handover, offsets)
+            await asyncio.to_thread(write_handover, path, offsets)
         except OSError as exc:  # the committed offsets still cover this checkpoint, once committed
-            log_event("handover record failed", path=str(self.handover), error=repr(exc)[:300])
+            log_event("handover record failed", path=str(path), error=repr(exc)[:300])
 
     def _append_history(self, events: int, updates: int, returns: list[float], rows: int) -> None:
         mean_return = sum(returns) / len(returns) if returns else math.nan

@@ -145,7 +145,9 @@ def join_group(
     """
     device = torch.device(device)
     backend = resolve_backend(settings.backend, device)
-    again = _Waiting(settings, keep_waiting)
+    # Only a member of someone else's store can join again; rank 0's own store is what failed.
+    retry = keep_waiting if _joins_a_store(settings) else None
+    again = _Waiting(settings, retry)
     while True:
         served = _open_store(settings, keep_waiting)
         # Each generation's claims apart: a restarted agent's members must not find their previous selves.
@@ -163,7 +165,7 @@ def join_group(
         except RankDoubled as e:
             # Also this member before a restart, in a group that has not noticed yet: it ends within
             # timeout_seconds, and rank 0 comes back with a new store.
-            if keep_waiting is None or not _joins_a_store(settings) or not again.goes_on(str(e)):
+            if not again.goes_on(str(e)):
                 raise
             time.sleep(_WAIT_SLICE.total_seconds())
         except dist.DistError as e:  # seen when rank 0 exits for a restart while a rank joins
@@ -173,8 +175,7 @@ def join_group(
             )
             if dist.is_initialized():
                 dist.destroy_process_group()
-            # Only a member of someone else's store can join again; rank 0's own store is what failed.
-            if keep_waiting is None or not _joins_a_store(settings) or not keep_waiting():
+            if retry is None or not retry():
                 raise failed from e
             log.warning("%s; joining again", failed)
 
